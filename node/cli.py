@@ -1,0 +1,154 @@
+"""The ``airnode`` command line.
+
+Each subcommand is thin: it loads and validates the configuration once, then hands it
+to the stage's own ``run`` function, imported lazily so that ``airnode echo`` never
+pays for onnxruntime or torch.  Errors a user can meet end in one line on stderr and
+exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node.config import ConfigError, NodeConfig, load_config
+
+app = typer.Typer(
+    name="airnode",
+    help="PACS-integrated DICOM AI node.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file (default: embedded defaults)."),
+]
+
+
+class UserError(Exception):
+    """An error whose message is enough for the user; printed without a traceback."""
+
+
+def _config(path: Path | None) -> NodeConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"airnode {version('airnode')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """PACS-integrated DICOM AI node."""
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Start every stage (receiver, scheduler, workers, sender, HTTP) under a supervisor."""
+    from node.supervisor import run
+
+    run(_config(config))
+
+
+@app.command()
+def receive(config: ConfigOpt = None) -> None:
+    """Start only the DICOM receiver (C-ECHO, C-STORE)."""
+    from node.receiver import run
+
+    run(_config(config))
+
+
+@app.command()
+def schedule(config: ConfigOpt = None) -> None:
+    """Start only the scheduler (study completion, routing, infer jobs, lease reaper)."""
+    from node.scheduler import run
+
+    run(_config(config))
+
+
+@app.command()
+def work(config: ConfigOpt = None) -> None:
+    """Start one inference worker (one per GPU)."""
+    from node.worker import run
+
+    run(_config(config))
+
+
+@app.command()
+def send(config: ConfigOpt = None) -> None:
+    """Start only the sender (delivers results to the destinations)."""
+    from node.sender import run
+
+    run(_config(config))
+
+
+@app.command()
+def echo(
+    host: str,
+    port: int,
+    ae_title: Annotated[str, typer.Option("--aet", help="Called AE title.")] = "ANY-SCP",
+    calling: Annotated[str, typer.Option("--calling-aet", help="Our AE title.")] = "AIRNODE",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+) -> None:
+    """Send a C-ECHO (DICOM ping) to HOST PORT and report the status."""
+    from node.dimse import echo as do_echo
+
+    status = do_echo(host, port, ae_title=ae_title, calling_ae_title=calling, timeout=timeout)
+    if status != 0:
+        raise UserError(f"C-ECHO to {ae_title}@{host}:{port} failed: {status:#06x}")
+    typer.echo(f"C-ECHO to {ae_title}@{host}:{port}: success")
+
+
+def _register_optional() -> None:
+    """Subcommand groups that live in their own modules."""
+    from node.jobs_cli import app as jobs_app
+
+    app.add_typer(jobs_app, name="jobs", help="List, inspect, retry and cancel jobs.")
+    try:
+        from training.cli import register as register_training
+    except ImportError:  # training/ not installed (serving-only deployment)
+        return
+    register_training(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    _register_optional()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"airnode: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

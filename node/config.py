@@ -1,0 +1,253 @@
+"""Typed node configuration, read from TOML and validated once at start-up.
+
+Every stage receives the :class:`NodeConfig` explicitly; nothing reads the file
+again or mutates it at run time.  A bad file raises :class:`ConfigError` whose
+message is one line naming the offending key, e.g.
+``config error: node.port: Input should be less than or equal to 65535``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DestinationConfig",
+    "HttpConfig",
+    "InferenceConfig",
+    "NodeConfig",
+    "NodeSection",
+    "ResultsConfig",
+    "RouteConfig",
+    "SecurityConfig",
+    "StudyConfig",
+    "TlsConfig",
+    "load_config",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid (one-line message)."""
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value) or len(value) > 16:
+        raise ValueError(f"AE title {value!r} must be 1-16 printable characters without backslash")
+    return stripped
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Model):
+    """DICOM TLS (PS3.15 Annex B, BCP 195): TLS 1.2 or newer."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+
+class NodeSection(_Model):
+    ae_title: str = "AIRNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=1, le=65535)
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    receiver_processes: int = Field(default=1, ge=1, le=64)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+    log_phi: bool = False
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL; defaults to a SQLite file under ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'airnode.sqlite').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+
+class StudyConfig(_Model):
+    stable_after_s: float = Field(default=60.0, ge=0)
+    force_after_s: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ceiling(self) -> StudyConfig:
+        if self.force_after_s < self.stable_after_s:
+            raise ValueError("force_after_s must be >= stable_after_s")
+        return self
+
+
+class SecurityConfig(_Model):
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1)
+    max_associations_per_host: int = Field(default=8, ge=1)
+    max_instance_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    min_free_bytes: int = Field(default=512 * 1024**2, ge=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    tls: TlsConfig | None = None
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, value: list[str]) -> list[str]:
+        return [_check_ae(v) for v in value]
+
+
+class DestinationConfig(_Model):
+    name: str = Field(min_length=1)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+    tls: TlsConfig | None = None
+    max_pdu: int = Field(default=0, ge=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+MatchValue = list[str] | str | int | float
+
+
+class RouteConfig(_Model):
+    """A routing rule.
+
+    ``match`` maps a DICOM keyword (or one of the derived keys ``CallingAETitle``,
+    ``ImageSize`` as "ROWSxCOLUMNS") to either a list of accepted values or a string
+    of the form ``"re:PATTERN"`` (regular expression, searched case-insensitively).
+    All keys must match (AND); several routes may fire for one series.  An OR of
+    conditions is written as several routes naming the same model.
+    """
+
+    name: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    match: dict[str, MatchValue] = Field(default_factory=dict)
+    send_to: list[str] = Field(default_factory=list)
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, value: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        for key, cond in value.items():
+            if isinstance(cond, str) and cond.startswith("re:"):
+                try:
+                    re.compile(cond[3:])
+                except re.error as exc:
+                    raise ValueError(f"{key}: bad regular expression: {exc}") from exc
+        return value
+
+
+class InferenceConfig(_Model):
+    backend: Literal["auto", "onnxruntime", "tensorrt", "torch", "fake"] = "auto"
+    model_dirs: list[Path] = Field(default_factory=lambda: [Path("models/packages")])
+    workers: int = Field(default=1, ge=1, le=64)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    intra_op_threads: int = Field(default=0, ge=0)
+
+
+class ResultsConfig(_Model):
+    heatmap_max_images: int = Field(default=3, ge=0, le=1000)
+    manufacturer: str = "airnode"
+    institution_name: str | None = None
+
+
+class HttpConfig(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class SendPolicyConfig(_Model):
+    max_attempts: int = Field(default=10, ge=1)
+    base_delay_s: float = Field(default=2.0, gt=0)
+    max_delay_s: float = Field(default=300.0, gt=0)
+    lease_s: float = Field(default=120.0, gt=0)
+
+
+class NodeConfig(_Model):
+    node: NodeSection = Field(default_factory=NodeSection)
+    study: StudyConfig = Field(default_factory=StudyConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    results: ResultsConfig = Field(default_factory=ResultsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    send: SendPolicyConfig = Field(default_factory=SendPolicyConfig)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError("destinations: names must be unique")
+        for i, route in enumerate(self.routes):
+            for dest in route.send_to:
+                if dest not in names:
+                    raise ValueError(
+                        f"routes[{i}].send_to: unknown destination {dest!r} "
+                        f"(known: {', '.join(names) or 'none'})"
+                    )
+        return self
+
+    def destination(self, name: str) -> DestinationConfig:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> NodeConfig:
+    """Validate a decoded TOML mapping; a relative ``data_dir`` resolves against ``base_dir``
+    (the current directory when the file is loaded, like any command-line path)."""
+    try:
+        cfg = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config error: {_format_error(exc)}") from None
+    if base_dir is not None and not cfg.node.data_dir.is_absolute():
+        node = cfg.node.model_copy(update={"data_dir": (base_dir / cfg.node.data_dir).resolve()})
+        cfg = cfg.model_copy(update={"node": node})
+    return cfg
+
+
+def load_config(path: Path | str | None) -> NodeConfig:
+    """Read and validate a TOML file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return parse_config({}, base_dir=Path.cwd())
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config error: file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error: {p}: invalid TOML: {exc}") from None
+    return parse_config(data, base_dir=Path.cwd())
