@@ -1,0 +1,236 @@
+"""The inference worker: claims ``infer`` jobs and turns a study into DICOM results.
+
+For each job: load the series named in the job from the spool → run the model
+package's predictor (pre-process → backend → post-process) → encode SR, heatmap
+SCs and SEG → write them durably to the outbox with one ``send`` job per
+destination → mark the job done.  Result UIDs are deterministic, so a worker killed
+anywhere in between re-runs the job after its lease expires and produces the same
+objects; the outbox and the send jobs are idempotent on those UIDs, so nothing is
+stored or sent twice.
+
+One worker runs per GPU (or one on the CPU); each loads a model's backend once and
+reuses it across studies.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import pydicom
+from sqlalchemy import select
+
+from node import jobs
+from node.config import NodeConfig
+from node.db import Database, Instance, Job, JobKind, init_db
+from node.logs import configure_logging, uid_tag
+
+if TYPE_CHECKING:
+    from models.package import ModelPackage
+    from models.pipeline import Predictor
+
+__all__ = ["Worker", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Heartbeat:
+    """Extends a job's lease in the background while the job runs."""
+
+    db: Database
+    job_id: int
+    owner: str
+    lease_s: float
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        interval = max(0.5, self.lease_s / 3)
+        while not self._stop.wait(interval):
+            try:
+                jobs.heartbeat(self.db, self.job_id, self.owner, self.lease_s)
+            except Exception:  # a missed beat is retried; the lease has slack
+                log.warning("lease heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class Worker:
+    """Claims and runs infer jobs; one instance per process."""
+
+    def __init__(self, cfg: NodeConfig, db: Database, *, owner: str | None = None) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.owner = owner or f"worker:{jobs.default_owner()}"
+        self.lease_s = 300.0
+        self.policy = jobs.RetryPolicy(max_attempts=3, base_delay_s=5.0, max_delay_s=60.0)
+        self._packages: dict[str, ModelPackage] | None = None
+        self._predictors: dict[str, Predictor] = {}
+        self.stopping = threading.Event()
+
+    # -- model packages and backends, loaded once per process -------------------------
+    @property
+    def packages(self) -> dict[str, ModelPackage]:
+        if self._packages is None:
+            from models.package import find_packages
+
+            self._packages = find_packages(self.cfg.inference.model_dirs)
+            log.info("model packages: %s", ", ".join(sorted(self._packages)) or "none")
+        return self._packages
+
+    def predictor(self, name: str, version: str) -> Predictor:
+        pkg = self.packages.get(name)
+        if pkg is None:
+            raise jobs.PermanentJobError(
+                f"model {name!r} is not installed (looked in "
+                f"{', '.join(str(d) for d in self.cfg.inference.model_dirs)})"
+            )
+        if pkg.version != version:
+            raise jobs.PermanentJobError(
+                f"model {name!r} is version {pkg.version}, the job asked for {version}"
+            )
+        if name not in self._predictors:
+            from models.backends import create_backend
+            from models.pipeline import Predictor
+
+            backend = create_backend(self.cfg.inference.backend, pkg)
+            self._predictors[name] = Predictor(
+                pkg, backend, batch_size=self.cfg.inference.batch_size
+            )
+            log.info("loaded %s %s on %s", name, version, backend.name)
+        return self._predictors[name]
+
+    # -- one job ----------------------------------------------------------------------
+    def load_series(self, sop_uids: list[str]) -> dict[str, list[pydicom.Dataset]]:
+        """Read the job's instances from the spool, grouped by series."""
+        spool = self.cfg.node.spool_dir
+        with self.db.read() as s:
+            rows = s.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sop_uids))).all()
+        if len(rows) != len(set(sop_uids)):
+            missing = len(set(sop_uids)) - len(rows)
+            raise jobs.PermanentJobError(f"{missing} instance(s) of the job are no longer stored")
+        series: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+        for row in rows:
+            try:
+                ds = pydicom.dcmread(spool / row.path)
+            except Exception as exc:
+                raise jobs.PermanentJobError(
+                    f"cannot read instance {uid_tag(row.sop_instance_uid)}: {exc}"
+                ) from exc
+            series[row.series_instance_uid].append(ds)
+        return dict(series)
+
+    def process(self, job: Job) -> dict[str, Any]:
+        """Run one infer job; returns the payload to store with the finished job."""
+        from node.results import encode_all
+        from node.results.outbox import store_results
+
+        payload = dict(job.payload)
+        t0 = time.perf_counter()
+        predictor = self.predictor(str(payload["model"]), str(payload["model_version"]))
+        t_load_model = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        series = self.load_series(list(payload["sop_instance_uids"]))
+        t_load = time.perf_counter() - t1
+
+        timings: dict[str, float] = defaultdict(float)
+        timings["load_model"] = t_load_model
+        timings["load"] = t_load
+        result_uids: list[str] = []
+        for _series_uid, datasets in series.items():
+            try:
+                result = predictor.predict(datasets)
+            except jobs.JobError:
+                raise
+            except (ValueError, NotImplementedError) as exc:
+                raise jobs.PermanentJobError(f"input not usable by the model: {exc}") from exc
+            for k, v in result.timings.items():
+                timings[k] += v
+            t2 = time.perf_counter()
+            objects = encode_all(result, datasets, self.cfg)
+            timings["encode"] += time.perf_counter() - t2
+            t3 = time.perf_counter()
+            stored = store_results(
+                self.db,
+                self.cfg.node.outbox_dir,
+                objects,
+                model=str(payload["model"]),
+                infer_job_id=job.id,
+                destinations=list(payload.get("destinations", [])),
+            )
+            timings["store"] += time.perf_counter() - t3
+            result_uids.extend(r.sop_instance_uid for r in stored)
+        timings["total"] = time.perf_counter() - t0
+        payload["timings"] = dict(timings)
+        payload["result_sop_instance_uids"] = result_uids
+        return payload
+
+    def run_one(self) -> bool:
+        """Claim and run one job; ``False`` when there was nothing to do."""
+        job = jobs.claim(self.db, JobKind.INFER, self.owner, self.lease_s)
+        if job is None:
+            return False
+        log.info(
+            "job %s: %s %s on study %s (attempt %s)",
+            job.id,
+            job.payload.get("model"),
+            job.payload.get("model_version"),
+            uid_tag(job.study_instance_uid),
+            job.attempts,
+        )
+        try:
+            with _Heartbeat(self.db, job.id, self.owner, self.lease_s):
+                out = self.process(job)
+        except Exception as exc:
+            transient = isinstance(exc, jobs.TransientJobError | OSError)
+            status = jobs.fail(self.db, job, self.owner, exc, self.policy, transient=transient)
+            log.error("job %s failed (%s): %s", job.id, status, exc)
+            return True
+        jobs.complete(self.db, job.id, self.owner, payload=out)
+        log.info(
+            "job %s done: %d result object(s) in %.2f s",
+            job.id,
+            len(out["result_sop_instance_uids"]),
+            out["timings"]["total"],
+        )
+        return True
+
+    def serve_forever(self, poll_s: float = 0.2) -> None:
+        while not self.stopping.is_set():
+            if not self.run_one():
+                self.stopping.wait(poll_s)
+
+
+def run(cfg: NodeConfig) -> None:
+    """Entry point of ``airnode work``: run until SIGTERM or Ctrl-C."""
+    configure_logging(
+        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage="work"
+    )
+    db = init_db(cfg.node.resolved_database_url)
+    worker = Worker(cfg, db)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: finishing the current job, then stopping", signum)
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    _ = worker.packages  # load the manifests up front: a broken package shows at start
+    worker.serve_forever()
+    db.dispose()
