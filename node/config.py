@@ -128,7 +128,8 @@ class DestinationConfig(_Model):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
 
-MatchValue = list[str] | str | int | float
+#: A ``match`` condition: accepted values (text or numbers) or ``"re:PATTERN"``.
+MatchValue = list[str | int | float] | str | int | float
 
 
 class RouteConfig(_Model):
