@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from node.db import TRANSITIONS, Database, Job, JobKind, JobStatus, now
 
@@ -41,6 +42,7 @@ __all__ = [
     "complete",
     "default_owner",
     "enqueue",
+    "enqueue_in",
     "fail",
     "heartbeat",
     "reap_expired",
@@ -120,34 +122,64 @@ def enqueue(
     parent_id: int | None = None,
 ) -> tuple[int, bool]:
     """Insert a job unless one with ``key`` exists. Returns ``(job id, created)``."""
-    t = now()
     with db.session() as s:
-        existing = s.scalar(select(Job.id).where(Job.idempotency_key == key))
-        if existing is not None:
-            return existing, False
-        job = Job(
-            kind=kind,
-            status=JobStatus.QUEUED,
-            idempotency_key=key,
+        return enqueue_in(
+            s,
+            kind,
+            key,
+            payload,
             study_instance_uid=study_instance_uid,
-            payload=payload,
-            attempts=0,
             max_attempts=max_attempts,
             not_before=not_before,
-            created_at=t,
-            updated_at=t,
             parent_id=parent_id,
         )
-        s.add(job)
-        try:
-            s.flush()
-        except IntegrityError:  # a racing process inserted it first (PostgreSQL)
-            s.rollback()
-            with db.session() as s2:
-                jid = s2.scalar(select(Job.id).where(Job.idempotency_key == key))
-                assert jid is not None
-                return jid, False
-        return job.id, True
+
+
+def enqueue_in(
+    s: Session,
+    kind: JobKind,
+    key: str,
+    payload: dict[str, Any],
+    *,
+    study_instance_uid: str | None = None,
+    max_attempts: int = 10,
+    not_before: float = 0.0,
+    parent_id: int | None = None,
+) -> tuple[int, bool]:
+    """:func:`enqueue` inside the caller's write transaction ``s``.
+
+    For callers whose job must exist if and only if their own rows change in the same
+    transaction (the scheduler marks a study scheduled and queues its jobs at once).
+    A racing insert of the same key (PostgreSQL) is absorbed by a savepoint.
+    """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    existing = s.scalar(select(Job.id).where(Job.idempotency_key == key))
+    if existing is not None:
+        return existing, False
+    t = now()
+    job = Job(
+        kind=kind,
+        status=JobStatus.QUEUED,
+        idempotency_key=key,
+        study_instance_uid=study_instance_uid,
+        payload=payload,
+        attempts=0,
+        max_attempts=max_attempts,
+        not_before=not_before,
+        created_at=t,
+        updated_at=t,
+        parent_id=parent_id,
+    )
+    try:
+        with s.begin_nested():
+            s.add(job)
+    except IntegrityError:  # a racing process inserted it first
+        jid = s.scalar(select(Job.id).where(Job.idempotency_key == key))
+        if jid is None:
+            raise
+        return jid, False
+    return job.id, True
 
 
 def claim(
