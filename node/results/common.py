@@ -1,0 +1,99 @@
+"""Helpers shared by the SR, SC and SEG encoders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.coding import Code
+
+from models.result import InferenceResult
+from node.results import codes
+from node.results.uids import result_uid
+
+__all__ = [
+    "SERIES_NUMBER",
+    "SourceIndex",
+    "add_ai_equipment",
+    "procedure_reported",
+    "uid_for",
+]
+
+#: Series numbers of the result series (PS3.3 C.7.3.1); high so they sort after the sources.
+SERIES_NUMBER = {"sr": 9001, "sc": 9002, "seg": 9003}
+
+
+class SourceIndex:
+    """The source data sets by SOP Instance UID, checked against the result once."""
+
+    def __init__(self, result: InferenceResult, sources: Sequence[Dataset]) -> None:
+        if not sources:
+            raise ValueError("sources: at least one source data set is needed")
+        self.by_uid: dict[str, Dataset] = {}
+        for ds in sources:
+            uid = str(ds.SOPInstanceUID)
+            self.by_uid[uid] = ds
+            if str(ds.StudyInstanceUID) != result.study_instance_uid:
+                raise ValueError("sources: a source image belongs to another study than the result")
+        missing = [u for u in result.source_sop_instance_uids if u not in self.by_uid]
+        if missing:
+            raise ValueError(f"sources: {len(missing)} image(s) of the result are not given")
+        self.ordered = [self.by_uid[u] for u in result.source_sop_instance_uids] or list(sources)
+        self.first = self.ordered[0]
+
+    def get(self, uid: str) -> Dataset:
+        try:
+            return self.by_uid[uid]
+        except KeyError:
+            raise ValueError(f"result refers to an image not among the sources: {uid}") from None
+
+
+def uid_for(result: InferenceResult, kind: str, index: int = 0) -> str:
+    """The deterministic UID of one object (or series, or tracking id) of ``result``."""
+    return result_uid(
+        result.study_instance_uid,
+        result.series_instance_uid,
+        result.model.name,
+        result.model.version,
+        kind,
+        index,
+    )
+
+
+def procedure_reported(source: Dataset) -> Code:
+    """The imaging procedure of the source study (TID 1500 row 2, CID 100), not the algorithm.
+
+    Prefer the study's own Procedure Code Sequence; otherwise derive it from Modality.
+    """
+    seq = source.get("ProcedureCodeSequence")
+    if seq:
+        item = seq[0]
+        value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue")
+        scheme = item.get("CodingSchemeDesignator")
+        meaning = item.get("CodeMeaning")
+        if value and scheme and meaning:
+            return Code(str(value), str(scheme), str(meaning))
+    return codes.PROCEDURE_BY_MODALITY.get(str(source.get("Modality", "")), codes.IMAGING_PROCEDURE)
+
+
+def add_ai_equipment(ds: Dataset, result: InferenceResult, manufacturer: str) -> None:
+    """Append the IHE AI Results Contributing Equipment item (PS3.3 C.12.1.1.5).
+
+    highdicom only allows DCM purposes of reference, so the 99IHE "Processing
+    Algorithm" item is appended after construction: manufacturer, model name,
+    software version and a Device UID that changes with the model.
+    """
+    purpose = Dataset()
+    purpose.CodeValue = codes.PROCESSING_ALGORITHM.value
+    purpose.CodingSchemeDesignator = codes.PROCESSING_ALGORITHM.scheme_designator
+    purpose.CodeMeaning = codes.PROCESSING_ALGORITHM.meaning
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+    item.Manufacturer = result.model.manufacturer or manufacturer
+    item.ManufacturerModelName = result.model.name[:64]
+    item.SoftwareVersions = result.model.version[:64]
+    item.DeviceUID = result.model.device_uid
+    seq = list(ds.get("ContributingEquipmentSequence", []))
+    seq.append(item)
+    ds.ContributingEquipmentSequence = DicomSequence(seq)
