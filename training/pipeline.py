@@ -1,0 +1,260 @@
+"""From a training config to a shipped package: data → train → export → evaluate → card.
+
+``airnode train CONFIG`` runs :func:`run_training`; ``airnode evaluate CONFIG`` runs
+:func:`evaluate_package` on an existing package.  The test set of a phantom config is
+drawn from ``eval.seed``, a seed the training data never used, so it is held out by
+construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.package import ModelPackage, load_package
+from training.config import TrainingConfig
+from training.datasets import (
+    ArraySet,
+    ct_phantom_slices,
+    dicom_folder_set,
+    image_folder_set,
+    patient_split,
+    radiograph_phantom_set,
+)
+from training.evaluate import (
+    OnnxModel,
+    _sigmoid,
+    evaluate_classification,
+    evaluate_segmentation,
+    run_baselines,
+    summary_lines,
+    write_report,
+)
+
+__all__ = ["RunSummary", "build_datasets", "build_test_set", "evaluate_package", "run_training"]
+
+log = logging.getLogger(__name__)
+
+
+def _load_source(cfg: TrainingConfig, n: int, seed: int) -> ArraySet:
+    d = cfg.data
+    spec = cfg.manifest.input
+    if d.source == "phantom-radiograph":
+        return radiograph_phantom_set(n, seed, spec, native_size=d.native_size)
+    if d.source == "phantom-ct":
+        return ct_phantom_slices(n, seed, spec, shape=d.ct_shape)
+    if d.source == "dicom":
+        assert d.root is not None and d.labels_csv is not None
+        return dicom_folder_set(d.root, d.labels_csv, spec)
+    assert d.root is not None
+    return image_folder_set(d.root, spec)
+
+
+def build_datasets(cfg: TrainingConfig) -> tuple[ArraySet, ArraySet]:
+    """Training and validation sets, split by patient."""
+    full = _load_source(cfg, cfg.data.n, cfg.data.seed)
+    v = cfg.data.val_fraction
+    train_idx, val_idx = patient_split(full.patients, (1 - v, v), seed=cfg.data.split_seed)
+    return full.subset(train_idx), full.subset(val_idx)
+
+
+def build_test_set(cfg: TrainingConfig, n: int | None = None, seed: int | None = None) -> ArraySet:
+    """The held-out test set: phantoms from a new seed (real data: the validation split)."""
+    if cfg.data.source.startswith("phantom"):
+        s = cfg.eval.seed if seed is None else seed
+        if s == cfg.data.seed:
+            raise ValueError(f"eval.seed {s} equals data.seed: the test set would not be held out")
+        return _load_source(cfg, cfg.eval.n if n is None else n, s)
+    return build_datasets(cfg)[1]
+
+
+def _voxel_volume(cfg: TrainingConfig) -> float | None:
+    if cfg.data.source != "phantom-ct":
+        return None
+    from training.phantoms import ct_phantom
+
+    spacing = ct_phantom(0, shape=(8, 16, 16), n_lesions=0).spacing
+    _nz, ny, nx = cfg.data.ct_shape
+    h, w = cfg.manifest.input.size
+    return float(spacing[0] * spacing[1] * ny / h * spacing[2] * nx / w)
+
+
+def evaluate_package(
+    cfg: TrainingConfig,
+    package: ModelPackage,
+    *,
+    train_set: ArraySet | None = None,
+    test_set: ArraySet | None = None,
+    out_dir: Path | None = None,
+    baseline: bool | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``package`` (ONNX Runtime) on the held-out set; write a report if asked."""
+    test = test_set if test_set is not None else build_test_set(cfg)
+    model = OnnxModel(package, threads=cfg.train.threads)
+    outputs = model.run(test.images)
+    results: dict[str, Any] = {
+        "model": {"name": package.name, "version": package.version},
+        "test_set": _describe_test(cfg, test),
+    }
+    y = None
+    curves: dict[str, np.ndarray] = {}
+    if package.task == "classification":
+        label = package.manifest.output.labels[0]
+        probs = _sigmoid(outputs["logits"][:, 0])
+        results["classification"] = evaluate_classification(
+            probs,
+            test,
+            label.threshold,
+            cams=outputs.get("cam"),
+            n_boot=cfg.eval.n_boot,
+            seed=cfg.run.seed,
+        )
+        y, curves = test.labels, {"CNN": probs}
+        do_base = cfg.eval.baseline if baseline is None else baseline
+        if do_base:
+            base_train = train_set if train_set is not None else build_datasets(cfg)[0]
+            base = run_baselines(base_train, test, seed=cfg.run.seed, n_boot=cfg.eval.n_boot)
+            for name in ("random_forest", "svm_rbf"):
+                curves[name] = base[name].pop("scores")
+            results["baseline"] = base
+    else:
+        pred = outputs["mask_logits"].argmax(1)
+        results["segmentation"] = evaluate_segmentation(pred, test, _voxel_volume(cfg))
+    results.update(extra or {})
+    if out_dir is not None:
+        write_report(out_dir, package, results, y=y, curves=curves)
+    return results
+
+
+def _describe_test(cfg: TrainingConfig, test: ArraySet) -> str:
+    if cfg.data.source.startswith("phantom"):
+        unit = "CT volumes" if cfg.data.source == "phantom-ct" else "radiographs"
+        return (
+            f"{len(set(test.groups))} freshly generated synthetic {unit} "
+            f"(seed {cfg.eval.seed}; training used seed {cfg.data.seed}), {len(test)} images"
+        )
+    return f"validation split of {cfg.data.source} data, {len(test)} images"
+
+
+def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len: int) -> str:
+    """The package's model card, filled from the evaluation results."""
+    m = cfg.manifest
+    synthetic = cfg.data.source.startswith("phantom")
+    data_text = (
+        f"**Synthetic phantoms only.** {cfg.data.n} "
+        + ("CT-like volumes" if cfg.data.source == "phantom-ct" else "radiograph-like images")
+        + f" generated by `training.phantoms` (seed {cfg.data.seed}), split by patient "
+        f"{1 - cfg.data.val_fraction:.0%}/{cfg.data.val_fraction:.0%} into training/validation."
+        if synthetic
+        else f"{cfg.data.source} data from {cfg.data.root}."
+    )
+    labels = "\n".join(
+        f'- `{lab.name}`: {lab.code.scheme} {lab.code.value} "{lab.code.meaning}"'
+        + (
+            f", site {lab.finding_site.scheme} {lab.finding_site.value} "
+            f'"{lab.finding_site.meaning}"'
+            if lab.finding_site
+            else ""
+        )
+        + f", threshold {lab.threshold}"
+        for lab in m.output.labels
+    )
+    win = m.input.window
+    lines = [
+        f"# Model card: {m.model.name} {m.model.version}",
+        "",
+        "> **NOT FOR CLINICAL USE.** This model was trained and tested on synthetic "
+        "phantoms generated by this project, not on patient images. Its figures say "
+        "nothing about performance on real radiographs or CT.",
+        "",
+        "## Model",
+        f"- task: {m.model.task}; architecture: `{m.model.arch}` {m.model.arch_kwargs}",
+        f"- input: modalities {', '.join(m.input.modalities) or 'any'}, {m.input.channels} "
+        f"channel(s), {m.input.size[0]}x{m.input.size[1]}, "
+        + (f"VOI window C{win[0]:g}/W{win[1]:g}" if win else "data set's own window")
+        + f", normalised (x - {m.input.mean}) / {m.input.std}",
+        f"- outputs ({m.output.activation}):",
+        labels,
+        f"- device UID (changes with every retrained version): {m.model.device_uid}",
+        "",
+        "## Intended use",
+        "Demonstrating and testing the airnode pipeline end to end (reception, routing, "
+        "inference, DICOM SR / heatmap / SEG results, sending to a PACS) without patient data.",
+        "",
+        "## Training data",
+        data_text,
+        f"Config: `{cfg.run.name}` (seed {cfg.run.seed}), {history_len} epochs run "
+        f"(AdamW, cosine schedule, early stopping).",
+        "",
+        "## Evaluation (held-out synthetic set, ONNX Runtime)",
+    ]
+    if results:
+        lines += [results["test_set"], "", *summary_lines(results)]
+    else:
+        lines.append("Not evaluated.")
+    lines += [
+        "",
+        "## Limits",
+        "- Phantoms are simple geometric models (ellipses, ellipsoids, bands, noise); real "
+        "anatomy, devices, pathologies, positioning and scanner variation are absent.",
+        "- One finding type only; no claim about any other condition.",
+        "- Figures come from the same generator family as the training data: they measure "
+        "the pipeline, not clinical accuracy.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class RunSummary:
+    package: ModelPackage | None
+    results: dict[str, Any] | None
+    best_val_metric: float
+    epochs: int
+    steps: int
+
+
+def run_training(
+    cfg: TrainingConfig, *, evaluate: bool = True, report_dir: Path | None = None
+) -> RunSummary:
+    """Train, export the package (if configured), evaluate it and fill its model card."""
+    from models.export import export_package
+    from training.train import train_model
+
+    train_set, val_set = build_datasets(cfg)
+    log.info(
+        "training %s: %d training / %d validation images",
+        cfg.run.name,
+        len(train_set),
+        len(val_set),
+    )
+    result = train_model(cfg, train_set, val_set, run_dir=cfg.run_dir)
+    package: ModelPackage | None = None
+    results: dict[str, Any] | None = None
+    if cfg.export.package_dir is not None:
+        card = model_card(cfg, None, len(result.history))
+        package = export_package(
+            result.net, cfg.export.package_dir, cfg.manifest, card, save_weights=False
+        )
+        if evaluate:
+            out = report_dir or cfg.eval.report_dir
+            training = {
+                "best_val_metric": result.best_metric,
+                "best_epoch": result.best_epoch,
+                "epochs_run": len(result.history),
+                "steps": result.steps,
+                "history": result.history,
+            }
+            results = evaluate_package(
+                cfg, package, train_set=train_set, out_dir=out, extra={"training": training}
+            )
+            package.model_card_path.write_text(
+                model_card(cfg, results, len(result.history)), encoding="utf-8"
+            )
+            package = load_package(package.path)
+    return RunSummary(package, results, result.best_metric, len(result.history), result.steps)
