@@ -115,6 +115,50 @@ def echo(
     typer.echo(f"C-ECHO to {ae_title}@{host}:{port}: success")
 
 
+@app.command()
+def demo(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Node host (default: [node] host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Node port (default: [node] port).")] = None,
+    ae_title: Annotated[
+        str | None, typer.Option("--aet", help="Called AE title (default: [node] ae_title).")
+    ] = None,
+    calling: Annotated[str, typer.Option("--calling-aet", help="Our AE title.")] = "DEMO-SCU",
+    dx: Annotated[int, typer.Option("--dx", help="Number of DX studies (one image each).")] = 1,
+    ct: Annotated[int, typer.Option("--ct", help="Number of CT studies (one series each).")] = 1,
+    slices: Annotated[int, typer.Option(help="Slices per CT series.")] = 64,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for images and UIDs (default: a new one).")
+    ] = None,
+    with_nodule: Annotated[
+        bool, typer.Option("--with-nodule/--without", help="Draw a nodule / lesion or not.")
+    ] = True,
+) -> None:
+    """Send synthetic DX and CT studies to a running node (C-STORE), like a scanner."""
+    from node.demo import DemoError, run_demo
+
+    cfg = _config(config)
+    try:
+        report = run_demo(
+            cfg,
+            host=host,
+            port=port,
+            ae_title=ae_title,
+            calling_ae_title=calling,
+            dx=dx,
+            ct=ct,
+            slices=slices,
+            seed=seed,
+            with_nodule=with_nodule,
+        )
+    except DemoError as exc:
+        raise UserError(str(exc)) from None
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise UserError(f"{report.instances - report.stored} instance(s) were not stored")
+
+
 def _register_optional() -> None:
     """Subcommand groups that live in their own modules."""
     from node.jobs_cli import app as jobs_app
