@@ -325,12 +325,22 @@ def reap_expired(db: Database, policy: RetryPolicy | None = None) -> int:
 
 
 def retry(db: Database, job_id: int) -> Job:
-    """Operator action: put a dead, failed or done job back in the queue now."""
+    """Operator action: put a dead, failed or done job back in the queue now.
+
+    A running job is refused: its worker may still be alive.
+    """
     t = now()
     with db.session() as s:
         job = s.get(Job, job_id)
         if job is None:
             raise KeyError(f"no job {job_id}")
+        if job.status == JobStatus.RUNNING:
+            # Requeueing under a live lease would run the job twice; the reaper
+            # requeues it if its worker is really gone.
+            raise IllegalTransition(
+                f"job cannot go from {job.status} to {JobStatus.QUEUED}: "
+                f"{job.lease_owner} holds its lease; wait for it to end or expire"
+            )
         _check(job.status, JobStatus.QUEUED)
         job.status = JobStatus.QUEUED
         job.not_before = t
@@ -347,6 +357,11 @@ def cancel(db: Database, job_id: int, reason: str = "cancelled by operator") -> 
         job = s.get(Job, job_id)
         if job is None:
             raise KeyError(f"no job {job_id}")
+        if job.status == JobStatus.RUNNING:  # its worker would go on regardless
+            raise IllegalTransition(
+                f"job cannot go from {job.status} to {JobStatus.DEAD}: "
+                f"{job.lease_owner} is running it; wait for it to end"
+            )
         _check(job.status, JobStatus.DEAD)
         job.status = JobStatus.DEAD
         job.last_error = reason
