@@ -162,12 +162,17 @@ def _child_main(name: str, target: StageTarget, cfg: NodeConfig, parent_pid: int
     configure_logging(
         cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage=name
     )
-    if isinstance(target, str):
-        mod_name, _, fn_name = target.partition(":")
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    else:
-        fn = target
-    fn(cfg)
+    try:
+        if isinstance(target, str):
+            mod_name, _, fn_name = target.partition(":")
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        else:
+            fn = target
+        fn(cfg)
+    except Exception:
+        # Through logging (JSON when configured), not multiprocessing's bare traceback.
+        log.critical("stage %s crashed", name, exc_info=True)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------- status file
@@ -416,15 +421,16 @@ def run(
         show_phi=cfg.node.log_phi,
         stage="supervisor",
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO is per-plugin chatter
     cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
     db = init_db(cfg.node.resolved_database_url)  # once, before any stage touches it
     db.dispose()
     stage_list = list(stages) if stages is not None else default_stages(cfg)
     log.info(
-        "airnode serving: AE %s on %s:%d, stages: %s",
+        "airnode serving: AE %s, DICOM port %d, HTTP %s, stages: %s",
         cfg.node.ae_title,
-        cfg.node.host,
         cfg.node.port,
+        f"port {cfg.http.port}" if cfg.http.enabled else "off",
         ", ".join(f"{s.name}x{s.replicas}" if s.replicas > 1 else s.name for s in stage_list),
     )
     code = Supervisor(cfg, stage_list, policy).run()

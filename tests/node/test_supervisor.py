@@ -70,6 +70,12 @@ def fake_crasher(cfg: NodeConfig) -> None:
     os._exit(3)
 
 
+def fake_raiser(cfg: NodeConfig) -> None:
+    """Raises, like a stage with a bug."""
+    _mark(cfg)
+    raise RuntimeError("stage bug for the test")
+
+
 def fake_stubborn(cfg: NodeConfig) -> None:
     """Ignores SIGTERM: the supervisor has to kill it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -82,6 +88,7 @@ STAGE_SETS: dict[str, list[StageSpec]] = {
     "steady": [StageSpec("steady", fake_steady, replicas=2), StageSpec("other", fake_steady)],
     "flaky": [StageSpec("steady", fake_steady), StageSpec("flaky", fake_crasher)],
     "stubborn": [StageSpec("steady", fake_steady), StageSpec("stubborn", fake_stubborn)],
+    "raiser": [StageSpec("raiser", fake_raiser)],
     "by_name": [StageSpec("named", "tests.node.test_supervisor:fake_steady")],
 }
 
@@ -248,6 +255,18 @@ def test_crash_loop_stops_restarting_that_stage_only(start_node: Callable[..., N
     assert code == 0, err
     assert len(_pids(node.data_dir, "flaky")) == 3  # declared fatal at the 3rd exit, never again
     assert "CRITICAL" in err and "crash loop" in err
+
+
+def test_stage_exception_is_logged_and_restarted(start_node: Callable[..., Node]) -> None:
+    node = start_node("raiser")
+    _wait_for(lambda: len(_pids(node.data_dir, "raiser")) >= 2, "a restart after the exception")
+
+    code, err = node.stop()
+
+    assert code == 0, err
+    assert "stage raiser crashed" in err
+    assert "RuntimeError: stage bug for the test" in err
+    assert "stage raiser exited (1); restarting" in err
 
 
 def test_stage_ignoring_sigterm_is_killed_after_the_timeout(
