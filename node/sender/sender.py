@@ -190,22 +190,26 @@ class Sender:
         items = self._load(dest, batch)
         if not items:
             return len(batch)
-        with self._associate(dest, items) as assoc:
-            if not assoc.is_established:
-                reason, transient = self._association_failure(dest, assoc)
-                for it in items:
-                    self._fail(dest, it.job, reason, transient=transient)
-                return len(batch)
-            for n, it in enumerate(items):
+        pending = list(items)
+        try:
+            with self._associate(dest, items) as assoc:
                 if not assoc.is_established:
-                    for rest in items[n:]:
-                        self._fail(
-                            dest, rest.job, "association aborted before sending", transient=True
-                        )
-                    break
-                self._send_one(dest, assoc, it)
-                for rest in items[n + 1 :]:
-                    jobs.heartbeat(self.db, rest.job.id, self._owner(dest), self.lease_s)
+                    reason, transient = self._association_failure(dest, assoc)
+                    for it in items:
+                        self._fail(dest, it.job, reason, transient=transient)
+                    return len(batch)
+                while pending:
+                    if not assoc.is_established:
+                        for rest in pending:
+                            self._fail(dest, rest.job, "association aborted", transient=True)
+                        break
+                    self._send_one(dest, assoc, pending.pop(0))
+                    for rest in pending:
+                        jobs.heartbeat(self.db, rest.job.id, self._owner(dest), self.lease_s)
+        except Exception as exc:  # TLS set-up, socket errors: retry what is left
+            log.warning("send to %s: %s: %s", dest.name, type(exc).__name__, exc)
+            for rest in pending:
+                self._fail(dest, rest.job, f"{type(exc).__name__}: {exc}", transient=True)
         return len(batch)
 
     def _association_failure(self, dest: DestinationConfig, assoc: Association) -> tuple[str, bool]:
@@ -242,7 +246,9 @@ class Sender:
         accepted_ts = {str(cx.transfer_syntax[0]) for cx in accepted}
         if ts.is_compressed and str(ts) not in accepted_ts:
             try:
-                ds.decompress()
+                # Same instance, only re-encoded: keep its SOP Instance UID (pydicom
+                # would otherwise generate a new one).
+                ds.decompress(generate_instance_uid=False)
             except Exception as exc:
                 self._fail(dest, job, f"cannot decompress for {dest.name}: {exc}", transient=False)
                 return

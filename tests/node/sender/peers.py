@@ -40,12 +40,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def storescp(port: int, out_dir: Path, *flags: str, aet: str = "STORESCP") -> Iterator[Path]:
-    """dcmtk storescp; ``+uf`` names files uniquely, so a duplicate is a second file."""
+def storescp(
+    port: int, out_dir: Path, *flags: str, aet: str = "STORESCP", accept_all: bool = True
+) -> Iterator[Path]:
+    """dcmtk storescp; ``+uf`` names files uniquely, so a duplicate is a second file.
+
+    ``accept_all=False`` leaves storescp at its default: uncompressed syntaxes only.
+    """
     exe = require_tool("storescp")
     out_dir.mkdir(parents=True, exist_ok=True)
+    syntaxes = ["+xa"] if accept_all else []
     proc = subprocess.Popen(
-        [exe, "-aet", aet, "-od", str(out_dir), "+uf", "+xa", *flags, str(port)],
+        [exe, "-aet", aet, "-od", str(out_dir), "+uf", *syntaxes, *flags, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from node import jobs
@@ -283,3 +284,24 @@ def test_orthanc_accepts_sr_sc_and_seg_in_the_source_study(db: Database, tmp_pat
         got = {i["MainDicomTags"]["SOPInstanceUID"] for i in instances}
         assert {str(o.SOPInstanceUID) for o in objects} <= got
         assert len(got) == len(series) + len(objects)
+
+
+@pytest.mark.integration
+def test_compressed_object_is_decompressed_for_a_destination_without_jpeg(
+    db: Database, tmp_path: Path
+) -> None:
+    port = free_port()
+    cfg = _cfg(tmp_path, {"pacs": port})
+    src = pydicom.dcmread(str(get_testdata_file("MR_small_jp2klossless.dcm")))
+    assert src.file_meta.TransferSyntaxUID.is_compressed
+    store_results(
+        db, cfg.node.outbox_dir, [src], model="m", infer_job_id=None, destinations=["pacs"]
+    )
+    with storescp(port, tmp_path / "plain", accept_all=False) as out:
+        while Sender(cfg, db).send_batch(cfg.destinations[0]):
+            pass
+        (got,) = [pydicom.dcmread(f) for f in received(out)]
+    assert {j.status for j in _jobs(db, "pacs")} == {JobStatus.DONE}
+    assert got.SOPInstanceUID == src.SOPInstanceUID
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert (got.pixel_array == src.pixel_array).all()
