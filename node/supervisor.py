@@ -422,8 +422,20 @@ def run(
         stage="supervisor",
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO is per-plugin chatter
-    cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
-    db = init_db(cfg.node.resolved_database_url)  # once, before any stage touches it
+    url = cfg.node.resolved_database_url
+    try:
+        cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
+        db = init_db(url)  # once, before any stage touches it
+    except Exception as exc:  # one line for the user; the URL may hold a password
+        first = (str(exc).splitlines() or [""])[0][:200]
+        log.error(
+            "cannot open or migrate the database (%s): %s: %s; check [node] database_url "
+            "and data_dir",
+            url.split(":", 1)[0],
+            type(exc).__name__,
+            first,
+        )
+        raise SystemExit(2) from None
     db.dispose()
     stage_list = list(stages) if stages is not None else default_stages(cfg)
     log.info(

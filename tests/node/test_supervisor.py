@@ -457,3 +457,26 @@ def test_airnode_serve_with_real_stages(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]  # all JSON
     assert any(line["msg"] == "all stages stopped" for line in lines)
     assert "Doe^Jane" not in err and "Jane" not in err  # the synthetic patient's name
+
+
+def test_serve_with_an_unusable_database_fails_in_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x", encoding="utf-8")
+    conf = tmp_path / "node.toml"
+    conf.write_text(
+        f'[node]\ndata_dir = "{tmp_path}"\n'
+        f'database_url = "sqlite:///{blocker / "airnode.sqlite"}"\n',
+        encoding="utf-8",
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "node.cli", "serve", "--config", str(conf)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "cannot open or migrate the database (sqlite)" in lines[0]
+    assert "Traceback" not in res.stderr
