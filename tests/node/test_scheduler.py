@@ -21,6 +21,7 @@ from node.config import NodeConfig, parse_config
 from node.db import Database, Instance, Job, JobKind, JobStatus, Study, StudyState, init_db
 from node.routing import Router
 from node.scheduler import infer_key, model_versions, tick
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -589,3 +590,25 @@ def test_airnode_schedule_refuses_a_bad_rule_in_one_line(tmp_path: Path) -> None
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0
     assert "unknown attribute 'Modaliti'" in res.stderr
+
+
+@pytest.mark.postgres
+def test_scheduler_on_postgresql(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The same pass on PostgreSQL: row lock on the study, savepoint-guarded inserts."""
+    cfg = make_cfg(tmp_path)
+    db = init_db(request.getfixturevalue("pg_url"))
+    try:
+        feed = Feed(db, cfg)
+        study = generate_uid()
+        feed.series(study, 2, T0)
+        feed.series(study, 1, T0, modality="DX", sop_class=DX)
+        report = tick(db, cfg, now=T0 + STABLE + 1)
+        assert report.scheduled == [study] and len(report.jobs_created) == 2
+        assert tick(db, cfg, now=T0 + STABLE + 2).jobs_created == []
+        late_t = T0 + 1000
+        feed.series(study, 1, late_t)
+        report = tick(db, cfg, now=late_t + STABLE + 1)
+        assert len(report.jobs_created) == 1 and len(report.jobs_existing) == 1
+        assert study_row(db, study).state == StudyState.SCHEDULED
+    finally:
+        db.dispose()
