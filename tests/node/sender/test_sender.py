@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -305,3 +306,28 @@ def test_compressed_object_is_decompressed_for_a_destination_without_jpeg(
     assert got.SOPInstanceUID == src.SOPInstanceUID
     assert not got.file_meta.TransferSyntaxUID.is_compressed
     assert (got.pixel_array == src.pixel_array).all()
+
+
+@pytest.mark.integration
+def test_airnode_send_delivers_and_stops_on_sigterm(db: Database, tmp_path: Path) -> None:
+    port = free_port()
+    cfg = _cfg(tmp_path, {"pacs": port})
+    uids = _results(db, cfg, ["pacs"])
+    toml = tmp_path / "airnode.toml"
+    toml.write_text(
+        f'[node]\ndata_dir = "{cfg.node.data_dir}"\ndatabase_url = "{db.url}"\n'
+        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f"port = {port}\n"
+    )
+    with storescp(port, tmp_path / "pacs") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "send", "-c", str(toml)])
+        try:
+            _wait(lambda: len(received(out)) == len(uids))
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert _uids(received(out)) == uids
+    assert {j.status for j in _jobs(db, "pacs")} == {JobStatus.DONE}
