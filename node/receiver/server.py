@@ -234,7 +234,7 @@ class _RequestHandler(RequestHandler):
             try:
                 sock.settimeout(server.policy.handshake_timeout_s)
                 sock.do_handshake()
-                sock.settimeout(None)
+                sock.settimeout(server.read_timeout_s)
             except (OSError, ssl.SSLError) as exc:
                 log.warning(
                     "TLS handshake with %s failed: %s", self.client_address[0], type(exc).__name__
@@ -259,6 +259,7 @@ class _Server(ThreadedAssociationServer):
 
     policy: _Policy
     guard: AssociationGuard
+    read_timeout_s: float = 60.0
     daemon_threads = True
 
     def server_bind(self) -> None:
@@ -273,6 +274,9 @@ class _Server(ThreadedAssociationServer):
         sock = cast(socket.socket, self.socket)
         client, address = sock.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # pynetdicom reads a whole PDU with blocking recv(); without a timeout a
+        # peer that announces a long PDU and goes quiet holds its thread forever.
+        client.settimeout(self.read_timeout_s)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
@@ -393,6 +397,7 @@ class Receiver:
         )
         server.policy = self.policy
         server.guard = self.guard
+        server.read_timeout_s = sec.network_timeout_s
         thread = threading.Thread(target=server.serve_forever, name="receiver-accept", daemon=True)
         thread.start()
         ae._servers.append(server)
