@@ -166,6 +166,13 @@ def image_to_unit(
     are scaled by their bit depth.
     """
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":  # PS3.3 C.7.6.3.1.5: indices → RGB via the LUT
+        from pydicom.pixels import apply_color_lut
+
+        rgb = np.asarray(apply_color_lut(frame, ds), dtype=np.float32)
+        desc = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(desc[2]) if desc is not None and int(desc[2]) in (8, 16) else 16
+        return rgb / np.float32(2**bits - 1)
     if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:
         bits = int(getattr(ds, "BitsStored", 8) or 8)
         return np.asarray(frame, dtype=np.float32) / np.float32(2**bits - 1)

@@ -45,7 +45,8 @@ def _cudart() -> Any:
 def _check(result: Any) -> Any:
     """cuda-python returns ``(err, *values)``; raise on a non-zero error."""
     err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
+    code: Any = getattr(err, "value", err)  # cudaError_t enum; 0 is cudaSuccess
+    if int(code) != 0:
         raise BackendError(f"tensorrt backend: CUDA call failed with {err}")
     return rest[0] if len(rest) == 1 else rest
 
@@ -132,7 +133,8 @@ class TensorRTBackend(Backend):
             raise BackendError(f"tensorrt backend: cannot parse ONNX: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
-        if self.fp16 and builder.platform_has_fast_fp16:
+        # platform_has_fast_fp16 is deprecated in late TRT 10 releases: assume yes then
+        if self.fp16 and getattr(builder, "platform_has_fast_fp16", True):
             config.set_flag(trt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
         name = network.get_input(0).name

@@ -276,3 +276,16 @@ def test_pixel_spacing() -> None:
     del ds.PixelSpacing
     ds.ImagerPixelSpacing = [0.2, 0.2]
     assert pixel_spacing(ds) == (0.2, 0.2)
+
+
+def test_palette_colour_goes_through_its_lut() -> None:
+    ds = _read("examples_palette.dcm")
+    idx = decode_frames(ds)[0]
+    rgb = image_to_unit(idx, ds)
+    assert rgb.shape == (*idx.shape, 3)
+    assert rgb.min() >= 0.0 and rgb.max() <= 1.0
+    # equal indices give equal colours, and the LUT is not the identity on grey
+    i = int(idx.flat[idx.size // 2])
+    sel = idx == i
+    assert np.ptp(rgb[sel], axis=0).max() == 0.0
+    assert not np.allclose(rgb[..., 0], rgb[..., 2])
