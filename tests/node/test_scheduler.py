@@ -612,3 +612,73 @@ def test_scheduler_on_postgresql(tmp_path: Path, request: pytest.FixtureRequest)
         assert study_row(db, study).state == StudyState.SCHEDULED
     finally:
         db.dispose()
+
+
+@pytest.mark.integration
+def test_studies_sent_with_storescu_get_exactly_one_job_per_model(tmp_path: Path) -> None:
+    """Receiver (real C-STORE from dcmtk, everything sent twice) → scheduler → jobs."""
+    from node.receiver.server import Receiver
+    from node.synthetic import ct_series, dx_image, write_series
+    from tests.conftest import free_port, require_tool
+
+    storescu = require_tool("storescu")
+    base = make_cfg(
+        tmp_path,
+        routes=[
+            {"name": "cxr", "model": "cxr-nodule", "match": {"Modality": ["DX", "CR"]}},
+            {"name": "ct", "model": "ct-lesion", "match": {"Modality": "CT", "ImageSize": "64x64"}},
+        ],
+    )
+    cfg = base.model_copy(
+        update={"node": base.node.model_copy(update={"port": free_port(), "ae_title": "AIRNODE"})}
+    )
+    ct = ct_series(12, 64, 64, seed=1)
+    small = ct_series(3, 32, 32, seed=2)  # no rule takes 32x32
+    files = write_series(ct, tmp_path / "ct") + write_series(small, tmp_path / "small")
+    files += write_series([dx_image(rows=128, cols=128, seed=3)], tmp_path / "dx")
+    receiver = Receiver(cfg)
+    receiver.start()
+    db = init_db(cfg.node.resolved_database_url)
+    try:
+
+        def send(paths: list[Path]) -> None:
+            res = subprocess.run(
+                [storescu, "-aec", "AIRNODE", "127.0.0.1", str(cfg.node.port), *map(str, paths)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "TCP_NODELAY": "1"},
+            )
+            assert res.returncode == 0, res.stderr
+
+        send(files)
+        send(files)  # a resend: duplicates, no new instance, no new job
+        t = time.time() + STABLE + 1
+        report = tick(db, cfg, now=t)
+        assert sorted(report.scheduled) == sorted([ct[0].StudyInstanceUID, dx_study(files)])
+        assert report.unrouted == [small[0].StudyInstanceUID]
+        by_model = {j.payload["model"]: j for j in infer_jobs(db)}
+        assert set(by_model) == {"ct-lesion", "cxr-nodule"}
+        assert by_model["ct-lesion"].payload["sop_instance_uids"] == sorted(
+            d.SOPInstanceUID for d in ct
+        )
+        assert tick(db, cfg, now=t + 1).jobs_created == []
+
+        # A second CT series of the same study, sent later: only ct-lesion runs again.
+        extra = ct_series(4, 64, 64, seed=1, series_number=2)
+        send(write_series(extra, tmp_path / "ct2"))
+        report = tick(db, cfg, now=time.time() + STABLE + 1)
+        assert len(report.jobs_created) == 1
+        new = next(j for j in infer_jobs(db) if j.id == report.jobs_created[0])
+        assert new.payload["model"] == "ct-lesion"
+        assert len(new.payload["sop_instance_uids"]) == 16
+        assert len(infer_jobs(db)) == 3
+    finally:
+        receiver.stop()
+        db.dispose()
+
+
+def dx_study(files: list[Path]) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(files[-1], stop_before_pixels=True).StudyInstanceUID)
