@@ -62,13 +62,14 @@ class Node:
 
 
 def _write_cfg(path: Path, port: int, data_dir: Path, extra: str = "") -> None:
+    level = "" if "log_level" in extra else 'log_level = "INFO"'
     path.write_text(
         f"""
 [node]
 ae_title = "AIRNODE"
 port = {port}
 data_dir = "{data_dir}"
-log_level = "INFO"
+{level}
 {extra}
 """,
         encoding="utf-8",
@@ -552,12 +553,12 @@ def test_tls_trusted_client_succeeds_plaintext_and_untrusted_fail(
 # --------------------------------------------------------------------- no PHI
 @pytest.mark.parametrize("level", ["DEBUG", "INFO", "WARNING", "ERROR"])
 def test_logs_hold_no_patient_name_id_or_birth_date(make_node, tmp_path: Path, level: str) -> None:  # type: ignore[no-untyped-def]
-    node = make_node(extra=f'log_level = "{level}"\n[security]\nmax_instance_bytes = 20000')
+    node = make_node(extra=f'log_level = "{level}"\n[security]\nmax_instance_bytes = 60000')
     series = ct_series(3, 32, 32, seed=21, non_ascii_name=True)
     files = write_series(series, tmp_path / "ct")
     bundled = [Path(p) for p in get_testdata_files("CT_small.dcm")]
     _storescu(node.port, [*files, *bundled])
-    big = ct_series(1, 128, 128, seed=22)[0]  # refused: exercises the warning path
+    big = ct_series(1, 256, 256, seed=22)[0]  # refused: exercises the warning path
     big_file = write_series([big], tmp_path / "big")[0]
     _storescu(node.port, [big_file])
     _stop(node)
