@@ -4,7 +4,8 @@ Why a custom collector instead of counters incremented in code: each stage is it
 process (and may run on another host against PostgreSQL), so in-process counters
 would need prometheus_client's multiprocess mode and would still miss other hosts.
 The job table already records everything, so :class:`JobTableCollector` turns it
-into metrics on each scrape.  Counters derived from row counts (``*_total``) drop if
+into metrics on each scrape (the inference histogram incrementally, see
+:meth:`JobTableCollector._inference`).  Counters derived from row counts (``*_total``) drop if
 rows are purged or an operator resets a job; Prometheus treats that as a counter
 reset, which ``rate()`` handles.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -46,6 +48,8 @@ TIME_TO_RESULT_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 30, 60, 120, 300, 600,
 _PHASE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _MAX_PHASES = 16  # timings keys are few and fixed; cap the label set anyway
 _MAX_MODELS = 64
+#: Seconds before the newest finish already read that the next scrape reads again.
+WINDOW_MARGIN_S = 600.0
 _PENDING = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.FAILED)
 
 
@@ -98,6 +102,12 @@ class JobTableCollector(Collector):
         self.db = db
         self.data_dir = data_dir
         self.stage_status = stage_status
+        self._lock = threading.Lock()
+        self._inf: dict[tuple[str, str], _Hist] = {}
+        self._models: set[str] = set()
+        self._phases: set[str] = set()
+        self._watermark = float("-inf")
+        self._recent: dict[int, float] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []  # the metric set is only known at scrape time; skip the registry's check
@@ -145,10 +155,7 @@ class JobTableCollector(Collector):
                 ).all()
             )
             results = dict(s.execute(select(Result.kind, func.count()).group_by(Result.kind)).all())
-            infer_payloads = s.execute(
-                select(Job.payload).where(Job.kind == JobKind.INFER, Job.status == JobStatus.DONE)
-            ).scalars()
-            inference = self._inference(infer_payloads)
+            inference = self._inference(s)
             send_attempts = s.execute(
                 select(Job.status, func.coalesce(func.sum(Job.attempts), 0), func.count())
                 .where(Job.kind == JobKind.SEND)
@@ -200,8 +207,8 @@ class JobTableCollector(Collector):
             "encode, total...), from the timings the worker records.",
             labels=["model", "phase"],
         )
-        for (model, phase), hist in sorted(inference.items()):
-            h.add_metric([model, phase], hist.buckets(), hist.total)
+        for model, phase, buckets, total in inference:
+            h.add_metric([model, phase], buckets, total)
         yield h
 
         failed_attempts = 0
@@ -233,35 +240,67 @@ class JobTableCollector(Collector):
         h.add_metric([], ttr.buckets(), ttr.total)
         yield h
 
-    def _inference(self, payloads: Iterable[Any]) -> dict[tuple[str, str], _Hist]:
-        out: dict[tuple[str, str], _Hist] = {}
-        models: set[str] = set()
-        phases: set[str] = set()
-        for payload in payloads:
-            if not isinstance(payload, dict):
+    def _inference(self, s: Any) -> list[tuple[str, str, list[tuple[str, float]], float]]:
+        """Fold infer jobs finished since the last scrape into the histograms.
+
+        Reading every finished job's payload on each scrape costs seconds past 10⁵
+        jobs, so only jobs with ``finished_at`` at or after the watermark (minus a
+        margin for commits that land late or clocks of other hosts) are read; the ids
+        seen in that window are remembered so none is counted twice.  A job that is
+        retried and finishes again is a new observation, as a counter should be.
+        """
+        with self._lock:
+            query = select(Job.id, Job.finished_at).where(
+                Job.kind == JobKind.INFER, Job.status == JobStatus.DONE
+            )
+            if self._watermark > float("-inf"):
+                query = query.where(Job.finished_at >= self._watermark - WINDOW_MARGIN_S)
+            fresh = {
+                job_id: float(fin)
+                for job_id, fin in s.execute(query)
+                if fin is not None and self._recent.get(job_id) != fin
+            }
+            ids = sorted(fresh)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                for job_id, payload in s.execute(
+                    select(Job.id, Job.payload).where(Job.id.in_(chunk))
+                ):
+                    self._observe(payload)
+                    self._recent[job_id] = fresh[job_id]
+            if fresh:
+                self._watermark = max(self._watermark, max(fresh.values()))
+            floor = self._watermark - WINDOW_MARGIN_S
+            self._recent = {k: v for k, v in self._recent.items() if v >= floor}
+            return [
+                (model, phase, hist.buckets(), hist.total)
+                for (model, phase), hist in sorted(self._inf.items())
+            ]
+
+    def _observe(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
+        timings = payload.get("timings")
+        if not isinstance(timings, dict):
+            return
+        model = payload.get("model")
+        model = model if isinstance(model, str) and model else "unknown"
+        if model not in self._models:
+            if len(self._models) >= _MAX_MODELS:
+                model = "other"
+            self._models.add(model)
+        for phase, value in timings.items():
+            if not (isinstance(phase, str) and _PHASE_RE.match(phase)):
                 continue
-            timings = payload.get("timings")
-            if not isinstance(timings, dict):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 continue
-            model = payload.get("model")
-            model = model if isinstance(model, str) and model else "unknown"
-            if model not in models:
-                if len(models) >= _MAX_MODELS:
-                    model = "other"
-                models.add(model)
-            for phase, value in timings.items():
-                if not (isinstance(phase, str) and _PHASE_RE.match(phase)):
-                    continue
-                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                    continue
-                if phase not in phases and len(phases) >= _MAX_PHASES:
-                    continue
-                phases.add(phase)
-                key = (model, phase)
-                if key not in out:
-                    out[key] = _Hist(INFERENCE_BUCKETS)
-                out[key].observe(float(value))
-        return out
+            if phase not in self._phases and len(self._phases) >= _MAX_PHASES:
+                continue
+            self._phases.add(phase)
+            key = (model, phase)
+            if key not in self._inf:
+                self._inf[key] = _Hist(INFERENCE_BUCKETS)
+            self._inf[key].observe(float(value))
 
     def _time_to_result(self, s: Any) -> _Hist:
         hist = _Hist(TIME_TO_RESULT_BUCKETS)

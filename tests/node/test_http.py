@@ -543,3 +543,35 @@ def _poll_health(url: str, cond: Callable[[dict[str, Any]], bool]) -> dict[str, 
             pass
         time.sleep(0.1)
     raise AssertionError(f"health never matched; last: {last}")
+
+
+def test_inference_histogram_is_incremental_across_scrapes(db: Database) -> None:
+    """Each finished run is observed once, however often Prometheus scrapes."""
+    from node.http.metrics import JobTableCollector, render_metrics
+
+    def finish(key: str) -> int:
+        jobs.enqueue(db, JobKind.INFER, key, {"model": "m"})
+        j = jobs.claim(db, JobKind.INFER, "w")
+        assert j is not None
+        jobs.complete(db, j.id, "w", payload={"model": "m", "timings": {"total": 1.5}})
+        return j.id
+
+    collector = JobTableCollector(db)
+    key = ("airnode_inference_seconds_count", (("model", "m"), ("phase", "total")))
+
+    def count() -> float:
+        return _metrics(render_metrics(collector).decode()).get(key, 0.0)
+
+    first = finish("a")
+    assert count() == 1
+    assert count() == 1  # a second scrape adds nothing
+    finish("b")
+    assert count() == 2
+    jobs.retry(db, first)  # an operator re-runs job a: a new observation when it ends
+    j = jobs.claim(db, JobKind.INFER, "w")
+    assert j is not None and j.id == first
+    jobs.complete(db, first, "w", payload={"model": "m", "timings": {"total": 1.5}})
+    assert count() == 3
+    assert count() == 3
+    # a fresh collector (HTTP stage restarted) counts what the table holds now
+    assert _metrics(render_metrics(JobTableCollector(db)).decode())[key] == 2
