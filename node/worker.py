@@ -35,9 +35,21 @@ if TYPE_CHECKING:
     from models.package import ModelPackage
     from models.pipeline import Predictor
 
-__all__ = ["Worker", "run"]
+__all__ = ["PHASES", "Worker", "run"]
 
 log = logging.getLogger(__name__)
+
+#: The phases recorded in an infer job's ``payload["timings"]``, in pipeline order.
+PHASES = (
+    "load_model",
+    "load",
+    "preprocess",
+    "inference",
+    "postprocess",
+    "encode",
+    "store",
+    "total",
+)
 
 
 @dataclass
@@ -73,12 +85,24 @@ class _Heartbeat:
 class Worker:
     """Claims and runs infer jobs; one instance per process."""
 
-    def __init__(self, cfg: NodeConfig, db: Database, *, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        db: Database,
+        *,
+        owner: str | None = None,
+        lease_s: float = 300.0,
+        policy: jobs.RetryPolicy | None = None,
+    ) -> None:
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be > 0, got {lease_s}")
         self.cfg = cfg
         self.db = db
         self.owner = owner or f"worker:{jobs.default_owner()}"
-        self.lease_s = 300.0
-        self.policy = jobs.RetryPolicy(max_attempts=3, base_delay_s=5.0, max_delay_s=60.0)
+        # The heartbeat renews the lease every lease_s / 3; the reaper in the
+        # scheduler returns the job to the queue once a dead worker's lease runs out.
+        self.lease_s = lease_s
+        self.policy = policy or jobs.RetryPolicy(max_attempts=3, base_delay_s=5.0, max_delay_s=60.0)
         self._packages: dict[str, ModelPackage] | None = None
         self._predictors: dict[str, Predictor] = {}
         self.stopping = threading.Event()
@@ -108,7 +132,15 @@ class Worker:
             from models.backends import create_backend
             from models.pipeline import Predictor
 
-            backend = create_backend(self.cfg.inference.backend, pkg)
+            try:
+                backend = create_backend(
+                    self.cfg.inference.backend, pkg, self.cfg.inference.intra_op_threads
+                )
+            except Exception as exc:  # a broken model file or a missing library
+                raise jobs.PermanentJobError(
+                    f"model {name!r} could not be loaded with backend "
+                    f"{self.cfg.inference.backend!r}: {exc}"
+                ) from exc
             self._predictors[name] = Predictor(
                 pkg, backend, batch_size=self.cfg.inference.batch_size
             )
@@ -136,32 +168,43 @@ class Worker:
         return dict(series)
 
     def process(self, job: Job) -> dict[str, Any]:
-        """Run one infer job; returns the payload to store with the finished job."""
+        """Run one infer job; returns the payload to store with the finished job.
+
+        ``payload["timings"]`` holds seconds per phase, summed over the job's series:
+        ``load_model`` (backend load, paid once per process and model), ``load``
+        (reading the instances from the spool), ``preprocess``, ``inference``,
+        ``postprocess``, ``encode`` (SR, SC, SEG), ``store`` (outbox + send jobs) and
+        ``total``.  The metrics endpoint and ``bench/e2e.py`` read them.
+        """
         from node.results import encode_all
         from node.results.outbox import store_results
 
         payload = dict(job.payload)
+        model = str(payload.get("model", ""))
+        version = str(payload.get("model_version", ""))
+        sop_uids = [str(u) for u in payload.get("sop_instance_uids", [])]
+        if not model or not sop_uids:
+            raise jobs.PermanentJobError("job payload names no model or no instances")
         t0 = time.perf_counter()
-        predictor = self.predictor(str(payload["model"]), str(payload["model_version"]))
-        t_load_model = time.perf_counter() - t0
+        predictor = self.predictor(model, version)
+        timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        timings["load_model"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        series = self.load_series(list(payload["sop_instance_uids"]))
-        t_load = time.perf_counter() - t1
+        series = self.load_series(sop_uids)
+        timings["load"] = time.perf_counter() - t1
 
-        timings: dict[str, float] = defaultdict(float)
-        timings["load_model"] = t_load_model
-        timings["load"] = t_load
         result_uids: list[str] = []
-        for _series_uid, datasets in series.items():
+        for _series_uid, datasets in sorted(series.items()):
             try:
                 result = predictor.predict(datasets)
             except jobs.JobError:
                 raise
-            except (ValueError, NotImplementedError) as exc:
+            except (ValueError, NotImplementedError, AttributeError, KeyError) as exc:
                 raise jobs.PermanentJobError(f"input not usable by the model: {exc}") from exc
-            for k, v in result.timings.items():
-                timings[k] += v
+            for k in ("preprocess", "inference", "postprocess"):
+                timings[k] += float(result.timings.get(k, 0.0))
+            timings["load_model"] += float(result.timings.get("load", 0.0))
             t2 = time.perf_counter()
             objects = encode_all(result, datasets, self.cfg)
             timings["encode"] += time.perf_counter() - t2
@@ -170,14 +213,14 @@ class Worker:
                 self.db,
                 self.cfg.node.outbox_dir,
                 objects,
-                model=str(payload["model"]),
+                model=model,
                 infer_job_id=job.id,
                 destinations=list(payload.get("destinations", [])),
             )
             timings["store"] += time.perf_counter() - t3
             result_uids.extend(r.sop_instance_uid for r in stored)
         timings["total"] = time.perf_counter() - t0
-        payload["timings"] = dict(timings)
+        payload["timings"] = {k: round(v, 6) for k, v in timings.items()}
         payload["result_sop_instance_uids"] = result_uids
         return payload
 
@@ -202,7 +245,11 @@ class Worker:
             status = jobs.fail(self.db, job, self.owner, exc, self.policy, transient=transient)
             log.error("job %s failed (%s): %s", job.id, status, exc)
             return True
-        jobs.complete(self.db, job.id, self.owner, payload=out)
+        if not jobs.complete(self.db, job.id, self.owner, payload=out):
+            # The lease ran out and the reaper gave the job to another worker; its
+            # run writes the same objects (deterministic UIDs), so nothing is lost.
+            log.warning("job %s finished after its lease was lost; left to its new owner", job.id)
+            return True
         log.info(
             "job %s done: %d result object(s) in %.2f s",
             job.id,

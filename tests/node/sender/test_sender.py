@@ -25,7 +25,7 @@ from node.sender import CRASH_HOOK_ENV, Sender
 from node.sender.status import Outcome, classify, describe
 from tests.conftest import free_port, require_tool
 from tests.node.results.sources import classification, ct_series, dx_image, segmentation
-from tests.node.sender.peers import orthanc, received, storescp
+from tests.peers import orthanc, received, storescp
 
 
 def _cfg(tmp: Path, dests: dict[str, int], **send: float) -> NodeConfig:
