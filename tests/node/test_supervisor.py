@@ -154,8 +154,11 @@ class Node:
         d = self.data_dir / "pids"
         return [int(p.name.split(".")[1]) for p in d.iterdir() if p.name.count(".") == 1]
 
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        self.proc.send_signal(sig)
+    def stop(self, sig: int = signal.SIGTERM, group: bool = False) -> tuple[int, str]:
+        if group:  # what a terminal's Ctrl-C does: the signal reaches every process
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
         _, err = self.proc.communicate(timeout=30)
         return self.proc.returncode, err
 
@@ -175,6 +178,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
             cwd=REPO,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group, like a shell job
         )
         procs.append(proc)
         return Node(proc, data_dir)
@@ -214,11 +218,14 @@ def test_ctrl_c_stops_like_sigterm(start_node: Callable[..., Node]) -> None:
     _wait_for(lambda: len(_pids(node.data_dir, "other")) == 1, "other")
     _wait_for(lambda: len(_pids(node.data_dir, "steady-1")) == 1, "steady-1")
 
-    code, err = node.stop(signal.SIGINT)
+    code, err = node.stop(signal.SIGINT, group=True)
 
     assert code == 0, err
-    (pid,) = _pids(node.data_dir, "other")
-    assert _stopped(node.data_dir, pid, "other")
+    for stage in ("steady-0", "steady-1", "other"):
+        (pid,) = _pids(node.data_dir, stage)
+        assert _stopped(node.data_dir, pid, stage)  # stopped through the forwarded SIGTERM
+        assert not _alive(pid)
+    assert "restarting" not in err
     assert "Traceback" not in err
 
 
