@@ -22,9 +22,9 @@ worker pays the load (session creation, engine deserialisation) once.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -42,25 +42,11 @@ from models.preprocess import (
 )
 from models.result import Code, Finding, InferenceResult, Measurement, Segment
 
-__all__ = ["VOLUME", "BackendCache", "Predictor", "PreparedSeries"]
+__all__ = ["MM3", "VOLUME", "BackendCache", "Predictor"]
 
 VOLUME = Code("118565006", "SCT", "Volume")
 MM3 = Code("mm3", "UCUM", "cubic millimeter")
 _CATEGORY = Code("49755003", "SCT", "Morphologically abnormal structure")
-
-
-@dataclass
-class PreparedSeries:
-    """A preprocessed series: model inputs plus what is needed to map back."""
-
-    datasets: list[Dataset]  # sorted
-    frame_owner: list[int]  # index into datasets, per frame
-    inputs: npt.NDArray[np.float32]  # (frames, C, h, w)
-    maps: list[SpatialMap]  # per frame
-
-    @property
-    def sop_uids(self) -> list[str]:
-        return [str(ds.SOPInstanceUID) for ds in self.datasets]
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -108,15 +94,11 @@ class Predictor:
         self.backend = backend
 
     # ------------------------------------------------------------------- stages
-    def prepare(self, datasets: Sequence[Dataset]) -> PreparedSeries:
-        """Sort, decode and preprocess every frame of the series."""
-        if not datasets:
-            raise ValueError("datasets is empty: nothing to predict")
+    def _frames(
+        self, ordered: list[Dataset]
+    ) -> Iterator[tuple[int, npt.NDArray[np.float32], SpatialMap]]:
+        """Yield (image index, model input, map) for every frame, in sorted order."""
         spec = self.package.manifest.input
-        ordered = sort_series(datasets)
-        inputs: list[npt.NDArray[np.float32]] = []
-        maps: list[SpatialMap] = []
-        owner: list[int] = []
         for i, ds in enumerate(ordered):
             for frame in decode_frames(ds):
                 x, smap = preprocess_frame(
@@ -129,13 +111,31 @@ class Predictor:
                     spec.mean,
                     spec.std,
                 )
-                inputs.append(x)
-                maps.append(smap)
-                owner.append(i)
-        return PreparedSeries(ordered, owner, np.stack(inputs), maps)
+                yield i, x, smap
+
+    def _batches(
+        self, ordered: list[Dataset], clock: dict[str, float]
+    ) -> Iterator[tuple[list[int], list[SpatialMap], dict[str, npt.NDArray[np.float32]]]]:
+        """Preprocess and infer ``batch_size`` frames at a time.
+
+        Only one batch of model inputs exists at any time, so a long CT series needs
+        no more memory than a short one (apart from the uint8 masks it produces).
+        """
+        frames = self._frames(ordered)
+        while True:
+            t0 = time.perf_counter()
+            chunk = list(itertools.islice(frames, self.batch_size))
+            t1 = time.perf_counter()
+            clock["preprocess"] += t1 - t0
+            if not chunk:
+                return
+            batch = np.stack([x for _, x, _ in chunk])
+            out = self.backend.infer(batch)
+            clock["inference"] += time.perf_counter() - t1
+            yield [i for i, _, _ in chunk], [m for _, _, m in chunk], out
 
     def run(self, inputs: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.float32]]:
-        """Run the backend over ``inputs`` in batches of ``batch_size``."""
+        """Run the backend over already preprocessed ``inputs`` in batches."""
         parts: dict[str, list[npt.NDArray[np.float32]]] = {}
         for start in range(0, inputs.shape[0], self.batch_size):
             out = self.backend.infer(inputs[start : start + self.batch_size])
@@ -145,51 +145,58 @@ class Predictor:
 
     def predict(self, datasets: Sequence[Dataset]) -> InferenceResult:
         """Preprocess → batched inference → postprocess, for one series."""
+        if not datasets:
+            raise ValueError("datasets is empty: nothing to predict")
+        clock = {"load": self.load_seconds, "preprocess": 0.0, "inference": 0.0}
         t0 = time.perf_counter()
-        prepared = self.prepare(datasets)
-        t1 = time.perf_counter()
-        outputs = self.run(prepared.inputs)
-        t2 = time.perf_counter()
-        first = prepared.datasets[0]
+        ordered = sort_series(datasets)
+        clock["preprocess"] += time.perf_counter() - t0
+        first = ordered[0]
         result = InferenceResult(
             model=self.package.identity,
             study_instance_uid=str(first.get("StudyInstanceUID", "")),
             series_instance_uid=str(first.get("SeriesInstanceUID", "")),
-            source_sop_instance_uids=prepared.sop_uids,
+            source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in ordered],
         )
+        sort_s = clock["preprocess"]
+        t_start = time.perf_counter()
         if self.package.task == "segmentation":
-            self._segmentation(prepared, outputs, result)
+            self._segmentation(ordered, clock, result)
         else:
-            self._classification(prepared, outputs, result)
-        t3 = time.perf_counter()
-        result.timings = {
-            "load": self.load_seconds,
-            "preprocess": t1 - t0,
-            "inference": t2 - t1,
-            "postprocess": t3 - t2,
-        }
+            self._classification(ordered, clock, result)
+        total = time.perf_counter() - t_start
+        busy = clock["preprocess"] - sort_s + clock["inference"]
+        clock["postprocess"] = max(total - busy, 0.0)
+        result.timings = clock
         self.load_seconds = 0.0  # paid once, reported with the first series
         return result
 
     # ----------------------------------------------------------- postprocessing
     def _classification(
-        self,
-        prep: PreparedSeries,
-        outputs: dict[str, npt.NDArray[np.float32]],
-        result: InferenceResult,
+        self, ordered: list[Dataset], clock: dict[str, float], result: InferenceResult
     ) -> None:
         m = self.package.manifest
-        logits = outputs["logits"]
+        owners: list[int] = []
+        maps: list[SpatialMap] = []
+        logit_parts: list[npt.NDArray[np.float32]] = []
+        cam_parts: list[npt.NDArray[np.float32]] = []
+        for idx, bmaps, out in self._batches(ordered, clock):
+            owners += idx
+            maps += bmaps
+            logit_parts.append(out["logits"])
+            if "cam" in out:
+                cam_parts.append(out["cam"])
+        logits = np.concatenate(logit_parts)
+        cam = np.concatenate(cam_parts) if cam_parts else None
         probs = _softmax(logits, 1) if m.output.activation == "softmax" else _sigmoid(logits)
-        cam = outputs.get("cam")
-        uids = prep.sop_uids
+        uids = result.source_sop_instance_uids
         for k, label in enumerate(m.output.labels):
             frame = int(np.argmax(probs[:, k]))
             prob = float(np.clip(probs[frame, k], 0.0, 1.0))
-            uid = uids[prep.frame_owner[frame]]
+            uid = uids[owners[frame]]
             peak: tuple[str, int, int] | None = None
             if cam is not None:
-                smap = prep.maps[frame]
+                smap = maps[frame]
                 model_grid = _upsample_to(cam[frame, k], smap.dst_shape)
                 heat = _unit(smap.inverse(model_grid, "cubic"))
                 r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
@@ -210,33 +217,33 @@ class Predictor:
             )
 
     def _segmentation(
-        self,
-        prep: PreparedSeries,
-        outputs: dict[str, npt.NDArray[np.float32]],
-        result: InferenceResult,
+        self, ordered: list[Dataset], clock: dict[str, float], result: InferenceResult
     ) -> None:
         m = self.package.manifest
-        if len(prep.frame_owner) != len(prep.datasets):
-            raise ValueError("segmentation of multi-frame images is not supported; send slices")
-        probs = _softmax(outputs["mask_logits"], 1)  # (n, K+1, h, w)
         masks: list[npt.NDArray[np.uint8]] = []
         max_prob = np.zeros(m.num_classes, dtype=np.float32)
-        for i, smap in enumerate(prep.maps):
-            back = smap.inverse(probs[i], "linear")  # (K+1, H, W)
-            labels = np.argmax(back, axis=0).astype(np.uint8)
-            masks.append(labels)
-            for k in range(1, m.num_classes):
-                sel = labels == k
-                if sel.any():
-                    max_prob[k] = max(max_prob[k], float(back[k][sel].max()))
+        owners: list[int] = []
+        for idx, bmaps, out in self._batches(ordered, clock):
+            owners += idx
+            probs = _softmax(out["mask_logits"], 1)  # (b, K+1, h, w)
+            for j, smap in enumerate(bmaps):
+                back = smap.inverse(probs[j], "linear")  # (K+1, H, W)
+                labels = np.argmax(back, axis=0).astype(np.uint8)
+                masks.append(labels)
+                for k in range(1, m.num_classes):
+                    sel = labels == k
+                    if sel.any():
+                        max_prob[k] = max(max_prob[k], float(back[k][sel].max()))
+        if len(owners) != len(ordered):
+            raise ValueError("segmentation of multi-frame images is not supported; send slices")
         shapes = {mk.shape for mk in masks}
         if len(shapes) != 1:
             raise ValueError(f"images of one series differ in size: {sorted(shapes)}")
         mask = np.stack(masks)
         result.mask = mask
-        spacing = pixel_spacing(prep.datasets[0])
-        dz = slice_spacing(prep.datasets)
-        uids = prep.sop_uids
+        spacing = pixel_spacing(ordered[0])
+        dz = slice_spacing(ordered)
+        uids = result.source_sop_instance_uids
         for k, label in enumerate(m.output.labels, start=1):
             per_slice = (mask == k).reshape(mask.shape[0], -1).sum(axis=1)
             present = tuple(uids[i] for i in np.flatnonzero(per_slice))

@@ -89,6 +89,16 @@ def test_segmentation_mask_and_volume(fake_seg_package: ModelPackage) -> None:
     assert result.mask[0].max() == 0 and result.mask[-1].max() == 0 and result.mask[2].max() == 1
 
 
+class _Recording(FakeBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.sizes.append(int(batch.shape[0]))
+        return super()._run(batch)
+
+
 def test_batching_is_invisible_in_the_result(fake_cls_package: ModelPackage) -> None:
     rng = np.random.default_rng(0)
     images = [
@@ -96,9 +106,11 @@ def test_batching_is_invisible_in_the_result(fake_cls_package: ModelPackage) -> 
     ]
     runs = []
     for batch_size in (1, 3, 8):
-        backend = FakeBackend()
+        backend = _Recording()
         result = Predictor(fake_cls_package, backend, batch_size=batch_size).predict(images)
         assert backend.calls == -(-7 // batch_size)
+        assert max(backend.sizes) == min(batch_size, 7)  # never more frames in flight
+        assert sum(backend.sizes) == 7
         runs.append(result)
     for other in runs[1:]:
         assert other.findings == runs[0].findings
