@@ -127,7 +127,7 @@ def outbox_files(cfg: NodeConfig) -> list[Path]:
 
 @pytest.mark.parametrize(
     ("study", "kinds"),
-    [(dx_study, {SR: 1, SC: 1}), (ct_study, {SR: 1, SEG: 1})],
+    [(dx_study, {SR: 1, SC: 1}), (ct_study, {SR: 1, SEG: 1, SC: 1})],
     ids=["dx-classification", "ct-segmentation"],
 )
 def test_infer_job_becomes_results_in_the_outbox_with_send_jobs(
