@@ -19,8 +19,10 @@ from typing import Any
 
 __all__ = ["configure_logging", "uid_tag"]
 
-_PN_RE = re.compile(r"\b[\w.\-']+\^[\w.\-'^ ]*")
-_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+# A DICOM person name: components joined by carets (PS3.5 §6.2, PN).
+_PN_RE = re.compile(r"[\w.\-']+(?:\^[\w.\-']*)+")
+# Five or more components: a UID, never a dotted IPv4 address (which has four).
+_UID_RE = re.compile(r"\b\d+(?:\.\d+){4,}\b")
 
 _show_phi = False
 

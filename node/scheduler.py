@@ -367,7 +367,7 @@ def run(cfg: NodeConfig, *, poll_s: float = 0.5, reap_every_s: float = 5.0) -> N
         cfg.node.log_level,
         json_lines=cfg.node.log_json,
         show_phi=cfg.node.log_phi,
-        stage="schedule",
+        stage="scheduler",
     )
     try:  # a bad rule stops here, before any study is touched
         router = Router(cfg.routes)

@@ -18,7 +18,7 @@ def run(cfg: NodeConfig) -> None:
     from node.logs import configure_logging
 
     configure_logging(
-        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage="send"
+        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage="sender"
     )
     db = init_db(cfg.node.resolved_database_url)
     stop = threading.Event()

@@ -331,3 +331,17 @@ def test_airnode_send_delivers_and_stops_on_sigterm(db: Database, tmp_path: Path
                 proc.wait()
         assert _uids(received(out)) == uids
     assert {j.status for j in _jobs(db, "pacs")} == {JobStatus.DONE}
+
+
+def test_without_destinations_results_stay_in_the_outbox_and_stop_is_clean(
+    db: Database, tmp_path: Path
+) -> None:
+    cfg = _cfg(tmp_path, {})
+    uids = _results(db, cfg, [])
+    sender = Sender(cfg, db, poll_s=0.1)
+    with _running(sender):
+        time.sleep(1.0)  # at least one housekeeping pass (outbox clean-up) ran
+    with db.read() as s:
+        assert s.scalars(select(Job).where(Job.kind == JobKind.SEND)).all() == []
+    kept = sorted(p for p in cfg.node.outbox_dir.rglob("*.dcm"))
+    assert _uids(kept) == uids
