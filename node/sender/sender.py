@@ -325,6 +325,8 @@ class Sender:
                 stop.wait(housekeeping_s)
         finally:
             stop.set()
-            deadline = time.monotonic() + max((d.timeout_s for d in self.cfg.destinations), default=0.0)
+            deadline = time.monotonic() + max(
+                (d.timeout_s for d in self.cfg.destinations), default=0.0
+            )
             for t in threads:
                 t.join(timeout=max(0.1, deadline - time.monotonic()))
