@@ -56,6 +56,8 @@ class DataConfig(_Strict):
     seed: int = Field(default=1, ge=0)
     native_size: int = Field(default=256, ge=32, description="radiograph phantom size")
     ct_shape: tuple[int, int, int] = (24, 128, 128)
+    radius_range: tuple[float, float] | None = None
+    contrast_range: tuple[float, float] | None = None
     root: Path | None = None
     labels_csv: Path | None = None
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
@@ -84,6 +86,9 @@ class TrainConfig(_Strict):
     max_shift: float = Field(default=0.05, ge=0, le=0.5)
     intensity_jitter: float = Field(default=0.1, ge=0, le=1)
     class_weighting: bool = True
+    cam_loss_weight: float = Field(
+        default=0.0, ge=0, description="auxiliary CAM localisation loss (needs masks)"
+    )
     amp: bool = True
     threads: int = Field(default=2, ge=1)
     resume: bool = False

@@ -227,10 +227,10 @@ def cam_peak(
     """Where a coarse class activation map peaks, in image pixel coordinates (row, col).
 
     Each CAM cell covers ``image/cam`` pixels (32 for a ResNet); its centre is at
-    ``(i + 0.5) * stride - 0.5``.  With ``refine`` the peak is the activation-weighted
-    centroid of the 3x3 cells around the maximum (activation minus the smallest value
-    of that neighbourhood), a standard sub-cell peak estimate; otherwise the centre of
-    the maximum cell.
+    ``(i + 0.5) * stride - 0.5``.  With ``refine`` the peak is the centroid of the 3x3
+    cells around the maximum, weighted by their spatial softmax ``exp(cam - max)``
+    (the distribution the CAM localisation loss trains), a sub-cell peak estimate;
+    otherwise the centre of the maximum cell.
     """
     c = np.asarray(cam, dtype=np.float64)
     if c.ndim != 2 or c.size == 0:
@@ -242,7 +242,7 @@ def cam_peak(
     if refine:
         i0, i1, j0, j1 = max(i - 1, 0), min(i + 2, h), max(j - 1, 0), min(j + 2, w)
         win = c[i0:i1, j0:j1]
-        wgt = win - win.min()
+        wgt = np.exp(win - win.max())
         if wgt.sum() > 0:
             ii, jj = np.mgrid[i0:i1, j0:j1]
             ci = float((wgt * ii).sum() / wgt.sum())

@@ -44,7 +44,12 @@ def _load_source(cfg: TrainingConfig, n: int, seed: int) -> ArraySet:
     d = cfg.data
     spec = cfg.manifest.input
     if d.source == "phantom-radiograph":
-        return radiograph_phantom_set(n, seed, spec, native_size=d.native_size)
+        extra: dict[str, Any] = {}
+        if d.radius_range is not None:
+            extra["radius_range"] = d.radius_range
+        if d.contrast_range is not None:
+            extra["contrast_range"] = d.contrast_range
+        return radiograph_phantom_set(n, seed, spec, native_size=d.native_size, **extra)
     if d.source == "phantom-ct":
         return ct_phantom_slices(n, seed, spec, shape=d.ct_shape)
     if d.source == "dicom":
