@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 __all__ = [
+    "Interpolation",
     "PixelDecodeError",
     "SpatialMap",
     "apply_window",

@@ -190,3 +190,25 @@ def _reference_image() -> Dataset:
     img = np.full((80, 60), 100, dtype=np.uint16)
     img[20:30, 40:50] = 3000
     return make_image(img)
+
+
+@pytest.mark.parametrize("shape", [(301, 187), (64, 200)])
+def test_segmentation_mask_lands_on_the_original_pixels(
+    fake_seg_package: ModelPackage, shape: tuple[int, int]
+) -> None:
+    truth = np.zeros(shape, dtype=bool)
+    r0, c0 = shape[0] // 4, shape[1] // 3
+    truth[r0 : r0 + shape[0] // 3, c0 : c0 + shape[1] // 4] = True
+    img = np.where(truth, 3000, 100).astype(np.uint16)
+    ds = make_image(img, WindowCenter=1550, WindowWidth=2900)
+    result = Predictor(fake_seg_package, "fake").predict([ds])
+    assert result.mask is not None
+    got = result.mask[0] == 1
+    iou = (got & truth).sum() / (got | truth).sum()
+    assert iou > 0.9
+    # disagreement only on the boundary: erode the truth by 3 pixels, all inside the mask
+    inner = truth.copy()
+    inner[r0 : r0 + 3, :] = inner[r0 + shape[0] // 3 - 3 : r0 + shape[0] // 3, :] = False
+    inner[:, c0 : c0 + 3] = inner[:, c0 + shape[1] // 4 - 3 : c0 + shape[1] // 4] = False
+    assert got[inner].all()
+    assert (got & ~truth).sum() < 0.1 * truth.sum()  # little spill outside

@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from models.preprocess import (
+    Interpolation,
     PixelDecodeError,
     SpatialMap,
     apply_window,
@@ -289,3 +292,25 @@ def test_palette_colour_goes_through_its_lut() -> None:
     sel = idx == i
     assert np.ptp(rgb[sel], axis=0).max() == 0.0
     assert not np.allclose(rgb[..., 0], rgb[..., 2])
+
+
+@given(
+    src=st.tuples(st.integers(1, 2000), st.integers(1, 2000)),
+    dst=st.tuples(st.integers(1, 1024), st.integers(1, 1024)),
+    frac=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+)
+def test_point_mapping_round_trips(
+    src: tuple[int, int], dst: tuple[int, int], frac: tuple[float, float]
+) -> None:
+    smap = SpatialMap(src, dst)
+    r, c = frac[0] * (src[0] - 1), frac[1] * (src[1] - 1)
+    assert smap.inverse_point(*smap.forward_point(r, c)) == pytest.approx((r, c), abs=1e-6)
+
+
+@given(n_in=st.integers(1, 300), n_out=st.integers(1, 300))
+def test_resampling_preserves_constant_images(n_in: int, n_out: int) -> None:
+    smap = SpatialMap((n_in, 7), (n_out, 5))
+    kinds: tuple[Interpolation, ...] = ("nearest", "linear", "cubic")
+    for kind in kinds:
+        out = smap.forward(np.full((n_in, 7), 3.0, dtype=np.float32), kind)
+        np.testing.assert_allclose(out, 3.0, rtol=1e-5)
