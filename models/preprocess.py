@@ -134,10 +134,14 @@ def window_from_dataset(ds: Dataset) -> tuple[float, float] | None:
 
 
 def apply_window(
-    values: npt.NDArray[np.floating], center: float | None, width: float | None
+    values: npt.NDArray[np.floating],
+    center: float | None,
+    width: float | None,
+    function: str = "LINEAR",
 ) -> FloatArray:
-    """Map values through a LINEAR VOI window (PS3.3 C.11.2.1.2.1) onto [0, 1].
+    """Map values through a VOI window (PS3.3 C.11.2.1.2) onto [0, 1].
 
+    ``function`` is the VOI LUT Function: LINEAR (default), LINEAR_EXACT or SIGMOID.
     With no window, the image's own min..max range is used (robust for images that
     carry none, e.g. secondary captures).
     """
@@ -147,8 +151,22 @@ def apply_window(
         if hi <= lo:
             return np.zeros_like(v)
         return (v - np.float32(lo)) / np.float32(hi - lo)
+    fn = function.strip().upper() or "LINEAR"
+    if fn == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"window width must be > 0, got {width}")
+        return np.asarray(1.0 / (1.0 + np.exp(-4.0 * (v - center) / width)), dtype=np.float32)
+    if fn == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"window width must be > 0, got {width}")
+        out = (v - np.float32(center)) / np.float32(width) + np.float32(0.5)
+        return np.clip(out, 0.0, 1.0, out=out)
+    if fn != "LINEAR":
+        raise ValueError(f"unknown VOI LUT function {function!r}")
     if width < 1:
         raise ValueError(f"window width must be >= 1, got {width}")
+    if width == 1:  # a threshold (PS3.3 C.11.2.1.2.1)
+        return (v > np.float32(center - 0.5)).astype(np.float32)
     lo = center - 0.5 - (width - 1) / 2
     out = (v - np.float32(lo)) / np.float32(width - 1)
     return np.clip(out, 0.0, 1.0, out=out)
@@ -178,12 +196,29 @@ def image_to_unit(
         bits = int(getattr(ds, "BitsStored", 8) or 8)
         return np.asarray(frame, dtype=np.float32) / np.float32(2**bits - 1)
     values = modality_lut(frame, ds)
+    function = "LINEAR"
     if window is None and use_dataset_window:
         window = window_from_dataset(ds)
-    unit = apply_window(values, *(window if window else (None, None)))
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        if window is None and "VOILUTSequence" in ds:
+            unit = _voi_lut_sequence(values, ds)
+            return np.float32(1.0) - unit if photometric == "MONOCHROME1" else unit
+    center, width = window if window else (None, None)
+    unit = apply_window(values, center, width, function)
     if photometric == "MONOCHROME1":
         unit = np.float32(1.0) - unit
     return unit
+
+
+def _voi_lut_sequence(values: FloatArray, ds: Dataset) -> FloatArray:
+    """Apply the first VOI LUT (PS3.3 C.11.2.1.1) and scale its output range to [0, 1]."""
+    from pydicom.pixels import apply_voi_lut
+
+    item = ds.VOILUTSequence[0]
+    stored = np.rint(values).astype(np.int64)  # a LUT is indexed by integer values
+    out = np.asarray(apply_voi_lut(stored, ds, index=0, prefer_lut=True), dtype=np.float32)
+    bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+    return np.clip(out / np.float32(2**bits - 1), 0.0, 1.0)
 
 
 def normalise(

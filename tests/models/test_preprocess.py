@@ -314,3 +314,29 @@ def test_resampling_preserves_constant_images(n_in: int, n_out: int) -> None:
     for kind in kinds:
         out = smap.forward(np.full((n_in, 7), 3.0, dtype=np.float32), kind)
         np.testing.assert_allclose(out, 3.0, rtol=1e-5)
+
+
+def test_voi_lut_functions() -> None:
+    v = np.array([-100.0, 0.0, 100.0], dtype=np.float32)
+    sig = apply_window(v, 0.0, 100.0, "SIGMOID")
+    assert sig[1] == pytest.approx(0.5) and sig[0] < 0.05 and sig[2] > 0.95
+    exact = apply_window(v, 0.0, 100.0, "LINEAR_EXACT")
+    np.testing.assert_allclose(exact, [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(apply_window(v, 0.0, 1.0), [0.0, 1.0, 1.0])  # threshold
+    with pytest.raises(ValueError, match="VOI LUT function"):
+        apply_window(v, 0.0, 100.0, "CUBIC")
+    ds = make_image(np.zeros((1, 3)), WindowCenter=0, WindowWidth=100, VOILUTFunction="SIGMOID")
+    pix = np.array([[0, 50, 100]], dtype=np.uint16)
+    assert image_to_unit(pix, ds)[0, 0] == pytest.approx(0.5)
+
+
+def test_voi_lut_sequence_is_applied_when_no_window() -> None:
+    from pydicom.dataset import Dataset as Item
+
+    pix = np.array([[0, 1, 2, 3]], dtype=np.uint16)
+    ds = make_image(pix)
+    item = Item()
+    item.LUTDescriptor = [4, 0, 8]  # 4 entries from value 0, 8-bit output
+    item.LUTData = [0, 255, 0, 255]  # not monotonic: only a LUT can give this
+    ds.VOILUTSequence = [item]
+    np.testing.assert_allclose(image_to_unit(pix, ds), [[0.0, 1.0, 0.0, 1.0]])
