@@ -13,27 +13,31 @@ most a temp file or a file without a row, which :meth:`Spool.reconcile` cleans u
 the next start.
 
 File names are a SHA-256 of the SOP Instance UID (never the UID text, so a UID such
-as ``../../x`` can never name a path), fanned out as ``ab/cd/<hash>.dcm``.
+as ``../../x`` can never name a path), fanned out as ``ab/<hash>.dcm``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import logging
 import os
+import queue
 import re
 import shutil
+import threading
 import uuid
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from node.db import AuditEvent, Database, Instance, Study, StudyState, now
 from node.logs import uid_tag
@@ -107,9 +111,14 @@ def check_uid(value: str | None) -> str | None:
 
 
 def uid_path(uid: str) -> Path:
-    """The spool-relative path of an instance: ``ab/cd/<sha256(uid)>.dcm``."""
+    """The spool-relative path of an instance: ``ab/<sha256(uid)>.dcm``.
+
+    One level of 256 directories: a new directory costs two extra fsyncs, so a
+    deeper fan-out (65,536 leaves) would make most of the first 100,000 instances
+    pay them; ext4/XFS index large directories, so a few million files stay cheap.
+    """
     digest = hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()
-    return Path(digest[:2], digest[2:4], digest + ".dcm")
+    return Path(digest[:2], digest + ".dcm")
 
 
 def parse_header(source: bytes | Path) -> HeaderInfo:
@@ -170,6 +179,167 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class _Row:
+    info: HeaderInfo
+    rel: Path
+    digest: str
+    size: int
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer: str | None
+    at: float
+
+
+class GroupCommit:
+    """Commits the rows of concurrent C-STOREs together, one transaction per batch.
+
+    Each handler thread hands its row over and blocks until the transaction holding
+    it has committed (so the acknowledgement contract is unchanged).  While one
+    transaction commits, the rows arriving meanwhile queue up and go into the next:
+    with several associations this turns N commits (N WAL fsyncs, N turns at
+    SQLite's write lock with its busy-wait back-off) into one.  The existence check
+    runs inside the write transaction, so no two processes can insert one UID.
+    """
+
+    def __init__(self, db: Database, max_batch: int = 128, lock_path: Path | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.db = db
+        self.lock_path = lock_path
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[_Row, Future[bool]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, row: _Row) -> bool:
+        """Commit ``row``; True when inserted, False when its UID already had a row."""
+        fut: Future[bool] = Future()
+        self._queue.put((row, fut))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="receiver-commit", daemon=True
+                )
+                self._thread.start()
+        return fut.result()
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self._apply([row for row, _ in batch])
+            except BaseException as exc:
+                for _, fut in batch:
+                    fut.set_exception(exc)
+            else:
+                for (_, fut), inserted in zip(batch, results, strict=True):
+                    fut.set_result(inserted)
+
+    def _apply(self, rows: list[_Row]) -> list[bool]:
+        if self.lock_path is None:
+            return self._apply_locked(rows)
+        # Receiver processes queue on a file lock (woken at once on release) instead
+        # of SQLite's busy handler, which sleeps 1-100 ms between retries.
+        with self.lock_path.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._apply_locked(rows)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _apply_locked(self, rows: list[_Row]) -> list[bool]:
+        # Core statements, not ORM objects: this runs once per batch under the
+        # write lock, so its CPU time is everybody's latency.
+        with self.db.session() as s:
+            uids = {r.info.sop_instance_uid for r in rows}
+            seen = set(
+                s.scalars(
+                    select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))
+                )
+            )
+            results: list[bool] = []
+            new: list[_Row] = []
+            for r in rows:
+                fresh = r.info.sop_instance_uid not in seen
+                results.append(fresh)
+                if fresh:
+                    seen.add(r.info.sop_instance_uid)
+                    new.append(r)
+            if not new:
+                return results
+            s.execute(
+                insert(Instance),
+                [
+                    {
+                        "sop_instance_uid": r.info.sop_instance_uid,
+                        "sop_class_uid": r.info.sop_class_uid,
+                        "study_instance_uid": r.info.study_instance_uid,
+                        "series_instance_uid": r.info.series_instance_uid,
+                        "modality": r.info.modality,
+                        "transfer_syntax_uid": r.transfer_syntax_uid,
+                        "path": r.rel.as_posix(),
+                        "sha256": r.digest,
+                        "size": r.size,
+                        "calling_ae": r.calling_ae[:16],
+                        "peer_host": (r.peer or "")[:64] or None,
+                        "received_at": r.at,
+                    }
+                    for r in new
+                ],
+            )
+            per_study: dict[str, list[_Row]] = {}
+            for r in new:
+                per_study.setdefault(r.info.study_instance_uid, []).append(r)
+            for key, group in per_study.items():
+                last = max(r.at for r in group)
+                found = s.execute(
+                    select(Study.id).where(Study.study_instance_uid == key)
+                ).scalar_one_or_none()
+                if found is None:
+                    s.execute(
+                        insert(Study).values(
+                            study_instance_uid=key,
+                            first_received_at=min(r.at for r in group),
+                            last_received_at=last,
+                            state=StudyState.RECEIVING,
+                            instance_count=len(group),
+                        )
+                    )
+                else:
+                    # New data for a study already evaluated goes back to
+                    # `receiving`, so the scheduler looks at it again.
+                    s.execute(
+                        update(Study)
+                        .where(Study.id == found)
+                        .values(
+                            last_received_at=last,
+                            instance_count=Study.instance_count + len(group),
+                            state=StudyState.RECEIVING,
+                        )
+                    )
+            s.execute(
+                insert(AuditEvent),
+                [
+                    {
+                        "at": r.at,
+                        "event": "received",
+                        "ae_title": r.calling_ae[:16],
+                        "peer": (r.peer or "")[:128] or None,
+                        "sop_instance_uid": r.info.sop_instance_uid,
+                        "detail": f"{r.size} bytes",
+                    }
+                    for r in new
+                ],
+            )
+        return results
+
+
 class Spool:
     """The spool directory plus the ``instances``/``studies`` rows that index it.
 
@@ -204,6 +374,9 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.max_instance_bytes = max_instance_bytes
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._committer = GroupCommit(
+            db, lock_path=self.root / ".commit.lock" if db.is_sqlite else None
+        )
 
     # ------------------------------------------------------------------ store
     def temp_path(self) -> Path:
@@ -349,12 +522,6 @@ class Spool:
         peer: str | None,
     ) -> StoreOutcome:
         digest = _sha256_file(tmp)
-        existing = self._existing(info.sop_instance_uid)
-        if existing is not None:
-            outcome = self._duplicate(info, digest, existing)
-            event = "duplicate-conflict" if outcome.comment else "duplicate"
-            self._audit(event, calling_ae, peer, info.sop_instance_uid)
-            return outcome
         free = shutil.disk_usage(self.root).free
         if free < self.min_free_bytes:
             log.error("disk space below reserve (%d bytes free)", free)
@@ -364,13 +531,25 @@ class Spool:
             )
         rel = uid_path(info.sop_instance_uid)
         final = self.root / rel
-        self._make_durable(tmp, final, digest)
+        created = self._make_durable(tmp, final)
+        if not created and _sha256_file(final) != digest:
+            # The name is taken by other bytes: a committed first copy (kept), or
+            # the same UID arriving right now on another association (retry later;
+            # orphans from a crash were dealt with by reconcile() at start-up).
+            existing = self._existing(info.sop_instance_uid)
+            if existing is None:
+                return StoreOutcome(
+                    Status.OUT_OF_RESOURCES, "same SOP Instance UID is being stored; retry"
+                )
+            outcome = self._duplicate(info, digest, existing)
+            self._audit("duplicate-conflict", calling_ae, peer, info.sop_instance_uid)
+            return outcome
         try:
             inserted = self._commit(info, rel, digest, size, transfer_syntax_uid, calling_ae, peer)
         except SQLAlchemyError:
             # No row means the file must not stay: remove it unless another
             # association committed the same UID meanwhile.
-            if self._existing_quiet(info.sop_instance_uid) is None:
+            if created and self._existing_quiet(info.sop_instance_uid) is None:
                 with contextlib.suppress(OSError):
                     final.unlink()
             raise
@@ -378,6 +557,7 @@ class Spool:
             existing = self._existing(info.sop_instance_uid)
             if existing is None:
                 return StoreOutcome(Status.OUT_OF_RESOURCES, "database conflict; retry")
+            self._audit("duplicate", calling_ae, peer, info.sop_instance_uid)
             return self._duplicate(info, digest, existing)
         log.debug("stored %s (%d bytes)", uid_tag(info.sop_instance_uid), size)
         return StoreOutcome(Status.SUCCESS, path=final, sha256=digest)
@@ -388,9 +568,12 @@ class Spool:
         except SQLAlchemyError:
             return None
 
-    def _make_durable(self, tmp: Path, final: Path, digest: str) -> None:
-        """fsync the temp file → link it to its final name (never replacing a
-        committed file) → fsync the directory."""
+    def _make_durable(self, tmp: Path, final: Path) -> bool:
+        """fsync the temp file → link it to its final name → fsync the directory.
+
+        ``link`` never replaces: False when the name already existed (nothing was
+        changed then).
+        """
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -400,19 +583,12 @@ class Spool:
         if not parent.is_dir():
             parent.mkdir(parents=True, exist_ok=True)
             _fsync_dir(parent.parent)
-            _fsync_dir(parent.parent.parent)
         try:
             os.link(tmp, final)
         except FileExistsError:
-            # A file without a row (crash leftover, or a concurrent sender of the
-            # same UID).  Same bytes: keep it; different: ours replaces it.
-            if _sha256_file(final) != digest:
-                staged = final.with_suffix(".new")
-                with contextlib.suppress(FileNotFoundError):
-                    staged.unlink()
-                os.link(tmp, staged)
-                os.replace(staged, final)
+            return False
         _fsync_dir(parent)
+        return True
 
     def _commit(
         self,
@@ -424,60 +600,10 @@ class Spool:
         calling_ae: str,
         peer: str | None,
     ) -> bool:
-        """Insert the instance and upsert its study in one transaction; False if a
-        concurrent association committed the same SOP Instance UID first."""
-        t = now()
-        try:
-            with self.db.session() as s:
-                s.add(
-                    Instance(
-                        sop_instance_uid=info.sop_instance_uid,
-                        sop_class_uid=info.sop_class_uid,
-                        study_instance_uid=info.study_instance_uid,
-                        series_instance_uid=info.series_instance_uid,
-                        modality=info.modality,
-                        transfer_syntax_uid=transfer_syntax_uid,
-                        path=rel.as_posix(),
-                        sha256=digest,
-                        size=size,
-                        calling_ae=calling_ae[:16],
-                        peer_host=(peer or "")[:64] or None,
-                        received_at=t,
-                    )
-                )
-                study = s.execute(
-                    select(Study).where(Study.study_instance_uid == info.study_instance_uid)
-                ).scalar_one_or_none()
-                if study is None:
-                    s.add(
-                        Study(
-                            study_instance_uid=info.study_instance_uid,
-                            first_received_at=t,
-                            last_received_at=t,
-                            state=StudyState.RECEIVING,
-                            instance_count=1,
-                        )
-                    )
-                else:
-                    study.last_received_at = t
-                    study.instance_count = (study.instance_count or 0) + 1
-                    if study.state != StudyState.RECEIVING:
-                        # New data for a study already evaluated: the scheduler
-                        # must look at it again.
-                        study.state = StudyState.RECEIVING
-                s.add(
-                    AuditEvent(
-                        at=t,
-                        event="received",
-                        ae_title=calling_ae[:16],
-                        peer=(peer or "")[:128] or None,
-                        sop_instance_uid=info.sop_instance_uid,
-                        detail=f"{size} bytes",
-                    )
-                )
-        except IntegrityError:
-            return False
-        return True
+        """Insert the instance and upsert its study, committed before returning; False
+        if the SOP Instance UID was committed meanwhile (another association)."""
+        row = _Row(info, rel, digest, size, transfer_syntax_uid, calling_ae, peer, now())
+        return self._committer.submit(row)
 
     def _audit(self, event: str, calling_ae: str, peer: str | None, uid: str | None) -> None:
         with self.db.session() as s:
@@ -515,7 +641,7 @@ class Spool:
                 )
             }
         on_disk: set[str] = set()
-        for path in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.dcm"):
+        for path in self.root.glob("[0-9a-f][0-9a-f]/*.dcm"):
             rel = path.relative_to(self.root).as_posix()
             on_disk.add(rel)
             if rel in rows:

@@ -353,10 +353,9 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(make_node, tmp_path: Path)
         assert bad == set() and len(ok) == len(paths)
         rows = node.rows()
         assert len(rows) == len(paths) == len(set(by_path.values()))
-        files = sorted(p for p in node.spool.rglob("*") if p.is_file() and p.parent.name != "tmp")
-        db_name = {"airnode.sqlite", "airnode.sqlite-wal", "airnode.sqlite-shm"}
-        files = [f for f in files if f.name not in db_name]
-        assert len(files) == len(paths)  # no partial or orphan file
+        files = [p for p in node.spool.rglob("*") if p.is_file() and p.parent.name != "tmp"]
+        assert len([f for f in files if f.suffix == ".dcm"]) == len(paths)  # no orphan
+        assert [f for f in files if f.suffix not in (".dcm", ".lock")] == []  # no partial
         _check_stored(node, {v: Path(k) for k, v in by_path.items()})
     finally:
         _stop(restarted)
