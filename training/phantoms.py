@@ -153,17 +153,18 @@ def radiograph_phantom(
     *,
     size: int = 256,
     nodule: bool | None = None,
-    radius_range: tuple[float, float] = (0.02, 0.05),
-    contrast_range: tuple[float, float] = (250.0, 650.0),
+    radius_range: tuple[float, float] = (0.03, 0.06),
+    contrast_range: tuple[float, float] = (500.0, 1000.0),
     noise_sigma: float = 35.0,
     patient_id: str = "PHANTOM",
 ) -> RadiographPhantom:
     """Draw one chest-radiograph-like image.
 
     ``nodule``: True/False forces the class; None draws it with probability 0.5.
-    ``radius_range`` is a fraction of ``size`` (0.02-0.05 of a 350 mm field: about
-    7-17 mm radius, i.e. 14-35 mm nodules); ``contrast_range`` is the peak added
-    value in stored units (the lung background is about 700-1000).
+    ``radius_range`` is a fraction of ``size`` (0.03-0.06 of a 350 mm field: about
+    10-21 mm radius, i.e. 21-42 mm across; the upper end is a mass by the 30 mm
+    convention); ``contrast_range`` is the peak added value in stored units (the lung
+    background is about 700-1000, rib bands add about 220).
     """
     _check_size("size", size, 32)
     lo_r, hi_r = radius_range
