@@ -223,7 +223,9 @@ def versions() -> dict[str, str]:
         "pydicom": pydicom.__version__,
         "pynetdicom": pynetdicom.__version__,
         "highdicom": highdicom.__version__,
-        "dcmtk": next((ln.strip(" $") for ln in dcmtk if "dcmtk" in ln.lower()), "?"),
+        "dcmtk": next(
+            (ln.strip(" $").removeprefix("dcmtk: ") for ln in dcmtk if "dcmtk" in ln.lower()), "?"
+        ),
     }
 
 
