@@ -243,7 +243,15 @@ class Worker:
         except Exception as exc:
             transient = isinstance(exc, jobs.TransientJobError | OSError)
             status = jobs.fail(self.db, job, self.owner, exc, self.policy, transient=transient)
-            log.error("job %s failed (%s): %s", job.id, status, exc)
+            # A JobError is an expected outcome with its reason; anything else is a bug
+            # worth its traceback in the log.
+            log.error(
+                "job %s failed (%s): %s",
+                job.id,
+                status,
+                exc,
+                exc_info=not isinstance(exc, jobs.JobError),
+            )
             return True
         if not jobs.complete(self.db, job.id, self.owner, payload=out):
             # The lease ran out and the reaper gave the job to another worker; its

@@ -50,8 +50,9 @@ from tests.peers import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
 STABLE_S = 2.0
-#: Stable wait plus generous slack: the suite shares 2 CPU cores with other jobs.
-RESULT_DEADLINE_S = STABLE_S + 90.0
+#: Stable wait plus slack: the node also starts its stages and loads both models, and
+#: the suite may share 2 CPU cores with other jobs (typical: 5-11 s in all).
+RESULT_DEADLINE_S = STABLE_S + 60.0
 SR, SC, SEG = (
     "1.2.840.10008.5.1.4.1.1.88.34",
     "1.2.840.10008.5.1.4.1.1.7",
