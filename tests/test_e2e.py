@@ -35,7 +35,7 @@ from node.db import Database, Job, JobKind, JobStatus, Result, Study, StudyState
 from node.demo import demo_studies
 from node.synthetic import ct_series, write_series
 from tests.conftest import free_port
-from tests.dicom_checks import assert_dciodvfy_clean
+from tests.dicom_checks import assert_dciodvfy_clean, dsr2html
 from tests.peers import (
     REPO,
     SHIPPED_PACKAGES,
@@ -235,6 +235,8 @@ def test_scanner_and_pacs_around_airnode_serve(
                     got.raise_for_status()
                     dest.write_bytes(got.content)
                     assert_dciodvfy_clean(dest)
+                    if cls == SR:
+                        assert "Imaging Measurement Report" in dsr2html(dest)
 
         # The MR matched no route: no job, shown as unrouted in the table and on the page.
         assert mr_row is not None and mr_row.state == StudyState.UNROUTED
@@ -263,6 +265,14 @@ def test_scanner_and_pacs_around_airnode_serve(
         rows = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
         assert len(rows) == len(infer) + len(sends)
         assert all(r["payload"].get("study_instance_uid") != mr_uid for r in rows)
+
+        # The worker's recorded timings reach /metrics, per model and phase.
+        metrics = requests.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+        for model in ("cxr-nodule", "ct-lesion"):
+            for phase in ("preprocess", "inference", "encode", "total"):
+                count = f'airnode_inference_seconds_count{{model="{model}",phase="{phase}"}}'
+                line = next((ln for ln in metrics.splitlines() if ln.startswith(count)), "")
+                assert line and float(line.split()[-1]) >= 1, (count, line)
 
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=30) == 0
