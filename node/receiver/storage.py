@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TMP_SUFFIX = ".part"
+_READ_WHOLE = 64 * 1024 * 1024  # larger instances are parsed and hashed from the file
 
 
 class Status(IntEnum):
@@ -194,9 +195,9 @@ class _Row:
 class GroupCommit:
     """Commits the rows of concurrent C-STOREs together, one transaction per batch.
 
-    Each handler thread hands its row over and blocks until the transaction holding
-    it has committed (so the acknowledgement contract is unchanged).  While one
-    transaction commits, the rows arriving meanwhile queue up and go into the next:
+    Each handler thread queues its row and returns only once the transaction
+    holding it has committed (so the acknowledgement contract is unchanged).  While
+    one transaction commits, the rows arriving meanwhile queue up and go into the next:
     with several associations this turns N commits (N WAL fsyncs, N turns at
     SQLite's write lock with its busy-wait back-off) into one.  The existence check
     runs inside the write transaction, so no two processes can insert one UID.
@@ -210,36 +211,38 @@ class GroupCommit:
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[_Row, Future[bool]]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     def submit(self, row: _Row) -> bool:
-        """Commit ``row``; True when inserted, False when its UID already had a row."""
+        """Commit ``row``; True when inserted, False when its UID already had a row.
+
+        Leader/follower: whoever holds the lock commits everything queued so far,
+        its own row included; the others wait for the lock and find their row done
+        (or lead the next batch).  No extra thread, so a lone association pays no
+        hand-off.
+        """
         fut: Future[bool] = Future()
         self._queue.put((row, fut))
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._loop, name="receiver-commit", daemon=True
-                )
-                self._thread.start()
-        return fut.result()
-
-    def _loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
+        while not fut.done():
+            with self._lock:
+                if fut.done():
                     break
-            try:
-                results = self._apply([row for row, _ in batch])
-            except BaseException as exc:
-                for _, fut in batch:
-                    fut.set_exception(exc)
-            else:
-                for (_, fut), inserted in zip(batch, results, strict=True):
-                    fut.set_result(inserted)
+                batch: list[tuple[_Row, Future[bool]]] = []
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if not batch:
+                    continue
+                try:
+                    results = self._apply([r for r, _ in batch])
+                except Exception as exc:
+                    for _, f in batch:
+                        f.set_exception(exc)
+                else:
+                    for (_, f), inserted in zip(batch, results, strict=True):
+                        f.set_result(inserted)
+        return fut.result()
 
     def _apply(self, rows: list[_Row]) -> list[bool]:
         if self.lock_path is None:
@@ -454,7 +457,9 @@ class Spool:
             if why:
                 return StoreOutcome(Status.DATASET_MISMATCH, f"{label}: {why}")
         try:
-            info = parse_header(tmp)
+            # One read serves both the header parse and the hash when it fits.
+            data = tmp.read_bytes() if size <= _READ_WHOLE else None
+            info = parse_header(data if data is not None else tmp)
         except ParseError as exc:
             return StoreOutcome(Status.CANNOT_UNDERSTAND, str(exc))
         if info.sop_instance_uid != command_sop_instance_uid:
@@ -474,7 +479,11 @@ class Spool:
                 return StoreOutcome(Status.DATASET_MISMATCH, f"{label}: {why}")
         tag = uid_tag(info.sop_instance_uid)
         try:
-            return self._store_checked(tmp, size, info, transfer_syntax_uid, calling_ae, peer)
+            digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256_file(tmp)
+            del data
+            return self._store_checked(
+                tmp, size, digest, info, transfer_syntax_uid, calling_ae, peer
+            )
         except OperationalError as exc:
             log.error("database unavailable while storing %s: %s", tag, type(exc.orig).__name__)
             return StoreOutcome(Status.OUT_OF_RESOURCES, "database locked or unavailable")
@@ -516,12 +525,12 @@ class Spool:
         self,
         tmp: Path,
         size: int,
+        digest: str,
         info: HeaderInfo,
         transfer_syntax_uid: str,
         calling_ae: str,
         peer: str | None,
     ) -> StoreOutcome:
-        digest = _sha256_file(tmp)
         free = shutil.disk_usage(self.root).free
         if free < self.min_free_bytes:
             log.error("disk space below reserve (%d bytes free)", free)
