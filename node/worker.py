@@ -15,7 +15,9 @@ reuses it across studies.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -24,11 +26,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from node import jobs
 from node.config import NodeConfig
-from node.db import Database, Instance, Job, JobKind, init_db
+from node.db import Database, Instance, Job, JobKind, JobStatus, init_db, now
 from node.logs import configure_logging, uid_tag
 
 if TYPE_CHECKING:
@@ -80,6 +82,21 @@ class _Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def _pid_alive(pid_text: str) -> bool:
+    """Whether a process with this pid exists here (a non-number counts as alive)."""
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 class Worker:
@@ -224,6 +241,39 @@ class Worker:
         payload["result_sop_instance_uids"] = result_uids
         return payload
 
+    def release_orphans(self) -> int:
+        """Requeue infer jobs held by dead worker processes of this host; returns how many.
+
+        A worker killed with ``kill -9`` (or by the OOM killer) leaves its job
+        ``running`` until the lease runs out.  When the supervisor restarts the stage,
+        the new process looks for leases owned by ``worker:<this host>:<pid>`` whose
+        pid no longer exists, expires them and runs the reaper, so the job is claimed
+        again at once instead of after ``lease_s``.  Should two hosts share a host
+        name, a live worker's job may be run twice; results and send jobs are
+        idempotent on their UIDs, so nothing is stored or sent twice.
+        """
+        prefix = f"worker:{socket.gethostname()}:"
+        with self.db.read() as s:
+            owners = s.scalars(
+                select(Job.lease_owner).where(
+                    Job.kind == JobKind.INFER,
+                    Job.status == JobStatus.RUNNING,
+                    Job.lease_owner.startswith(prefix, autoescape=True),
+                )
+            ).all()
+        dead = {o for o in owners if o is not None and not _pid_alive(o.removeprefix(prefix))}
+        if not dead:
+            return 0
+        with self.db.session() as s:
+            s.execute(
+                update(Job)
+                .where(Job.status == JobStatus.RUNNING, Job.lease_owner.in_(dead))
+                .values(lease_expires_at=now() - 1.0)
+            )
+        n = jobs.reap_expired(self.db, self.policy)
+        log.warning("requeued %d job(s) of stopped worker process(es)", n)
+        return n
+
     def run_one(self) -> bool:
         """Claim and run one job; ``False`` when there was nothing to do."""
         job = jobs.claim(self.db, JobKind.INFER, self.owner, self.lease_s)
@@ -287,5 +337,6 @@ def run(cfg: NodeConfig) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     _ = worker.packages  # load the manifests up front: a broken package shows at start
+    worker.release_orphans()
     worker.serve_forever()
     db.dispose()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -270,8 +271,11 @@ def test_worker_rejects_a_bad_lease(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ kill -9, restart
 
 
-def crashing_worker_main(cfg_json: str, phase: str, marker: str) -> None:
+def crashing_worker_main(cfg_json: str, phase: str, marker: str, recovery: str) -> None:
     """Run one job in this process, stalling at ``phase`` until killed.
+
+    ``recovery="lease"``: a 2 s lease under a fixed owner name, left to expire.
+    ``recovery="restart"``: the production owner name and lease (host:pid, 300 s).
 
     ``inference``: the backend never returns.  ``store``: the second result object
     reaches the outbox and the process then stalls, leaving a half-written job.
@@ -300,13 +304,22 @@ def crashing_worker_main(cfg_json: str, phase: str, marker: str) -> None:
                 stall()
 
         outbox._write_durably = slow_write
-    Worker(cfg, db, lease_s=2.0, owner="worker:doomed").run_one()
+    if recovery == "lease":
+        Worker(cfg, db, lease_s=2.0, owner="worker:doomed").run_one()
+    else:
+        Worker(cfg, db).run_one()
 
 
-@pytest.mark.parametrize("phase", ["inference", "store"])
+@pytest.mark.parametrize(
+    ("phase", "recovery"),
+    [("inference", "lease"), ("store", "lease"), ("store", "restart")],
+)
 def test_kill_9_mid_job_then_reaper_and_restart_finish_it_exactly_once(
-    tmp_path: Path, phase: str
+    tmp_path: Path, phase: str, recovery: str
 ) -> None:
+    """``lease``: the lease expires and the reaper requeues the job.  ``restart``: the
+    restarted worker finds its dead predecessor's lease at start-up and requeues it at
+    once, long before the 300 s lease would expire."""
     cfg = make_cfg(tmp_path)
     db = init_db(cfg.node.resolved_database_url)
     receive(db, cfg, ct_study())
@@ -328,7 +341,8 @@ def test_kill_9_mid_job_then_reaper_and_restart_finish_it_exactly_once(
         "crashing_worker_main(*sys.argv[1:])"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, cfg.model_dump_json(), phase, str(marker)], cwd=REPO
+        [sys.executable, "-c", code, cfg.model_dump_json(), phase, str(marker), recovery],
+        cwd=REPO,
     )
     try:
         deadline = time.monotonic() + 60
@@ -337,7 +351,10 @@ def test_kill_9_mid_job_then_reaper_and_restart_finish_it_exactly_once(
             assert time.monotonic() < deadline, "the worker never reached the stall"
             time.sleep(0.05)
         running = job_row(db, job_id)
-        assert running.status == JobStatus.RUNNING and running.lease_owner == "worker:doomed"
+        owner = (
+            "worker:doomed" if recovery == "lease" else f"worker:{socket.gethostname()}:{proc.pid}"
+        )
+        assert running.status == JobStatus.RUNNING and running.lease_owner == owner
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -350,11 +367,15 @@ def test_kill_9_mid_job_then_reaper_and_restart_finish_it_exactly_once(
     assert len(results(db)) == (1 if phase == "store" else 0)
     assert len(outbox_files(cfg)) == (2 if phase == "store" else 0)
 
-    # Nobody renews the lease now; once it has expired the reaper requeues the job.
-    deadline = time.monotonic() + 30
-    while jobs.reap_expired(db) == 0:
-        assert time.monotonic() < deadline, "the dead worker's lease never expired"
-        time.sleep(0.2)
+    if recovery == "lease":
+        # Nobody renews the lease now; once it has expired the reaper requeues the job.
+        deadline = time.monotonic() + 30
+        while jobs.reap_expired(db) == 0:
+            assert time.monotonic() < deadline, "the dead worker's lease never expired"
+            time.sleep(0.2)
+    else:
+        assert jobs.reap_expired(db) == 0  # the 300 s lease is still valid
+        assert Worker(cfg, db).release_orphans() == 1
     reaped = job_row(db, job_id)
     assert reaped.status == JobStatus.FAILED and "expired" in (reaped.last_error or "")
 
@@ -375,4 +396,18 @@ def test_kill_9_mid_job_then_reaper_and_restart_finish_it_exactly_once(
     with db.read() as s:
         infer = s.scalars(select(Job).where(Job.kind == JobKind.INFER)).all()
     assert [j.id for j in infer] == [job_id]
+    db.dispose()
+
+
+def test_release_orphans_leaves_live_workers_alone(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    db = init_db(cfg.node.resolved_database_url)
+    receive(db, cfg, dx_study())
+    (job_id,) = schedule(db, cfg)
+    live = f"worker:{socket.gethostname()}:{os.getpid()}"  # this very process
+    claimed = jobs.claim(db, JobKind.INFER, live, 300.0)
+    assert claimed is not None and claimed.id == job_id
+    assert Worker(cfg, db).release_orphans() == 0
+    job = job_row(db, job_id)
+    assert job.status == JobStatus.RUNNING and job.lease_owner == live
     db.dispose()
