@@ -17,6 +17,7 @@ tasks, made to always report), so the test exercises the same code either way.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -41,7 +42,9 @@ from tests.peers import (
     SHIPPED_PACKAGES,
     airnode_serve,
     orthanc,
+    received,
     shipped_packages_present,
+    storescp,
     storescu,
     tiny_onnx_packages,
     write_config,
@@ -80,7 +83,14 @@ def mr_study(folder: Path) -> list[Path]:
     return write_series(series, folder)
 
 
-def node_config(tmp: Path, model_dir: Path, node_port: int, http_port: int, pacs_port: int) -> Path:
+def node_config(
+    tmp: Path,
+    model_dir: Path,
+    node_port: int,
+    http_port: int,
+    pacs_port: int,
+    pacs_ae: str = "ORTHANC",
+) -> Path:
     return write_config(
         tmp / "airnode.toml",
         {
@@ -99,7 +109,7 @@ def node_config(tmp: Path, model_dir: Path, node_port: int, http_port: int, pacs
             "http": {"enabled": True, "port": http_port},
             "send": {"base_delay_s": 0.5, "max_delay_s": 5.0},
             "destinations": [
-                {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}
+                {"name": "orthanc", "ae_title": pacs_ae, "host": "127.0.0.1", "port": pacs_port}
             ],
             "routes": [
                 {
@@ -274,5 +284,67 @@ def test_scanner_and_pacs_around_airnode_serve(
                 line = next((ln for ln in metrics.splitlines() if ln.startswith(count)), "")
                 assert line and float(line.split()[-1]) >= 1, (count, line)
 
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=30) == 0
+
+
+def test_kill_9_of_the_worker_inside_serve_loses_and_duplicates_nothing(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """The supervisor restarts a worker killed mid-job; the new worker requeues the
+    job at once, and the PACS (storescp writing every C-STORE to its own file)
+    receives each result exactly once."""
+    pacs_port, node_port, http_port = free_port(), free_port(), free_port()
+    cfg_path = node_config(tmp_path, model_dir, node_port, http_port, pacs_port, "PACS")
+    ((_, _, ct),) = list(demo_studies(dx=0, ct=1, slices=60, seed=21, ct_size=512))
+    files = write_series(ct, tmp_path / "in" / "ct")
+    db_url = f"sqlite:///{tmp_path / 'data' / 'airnode.sqlite'}"
+    with (
+        storescp(pacs_port, tmp_path / "pacs", aet="PACS") as pacs_dir,
+        airnode_serve(cfg_path, tmp_path / "airnode.log", ready_port=node_port) as node,
+    ):
+        done = storescu(node_port, files)
+        assert done.returncode == 0, done.stdout + done.stderr
+        db = Database(db_url)
+        try:
+            deadline = time.monotonic() + 120
+            while True:  # the worker has claimed the CT's job
+                with db.read() as s:
+                    job = s.scalar(select(Job).where(Job.kind == JobKind.INFER))
+                if job is not None and job.status == JobStatus.RUNNING:
+                    break
+                assert job is None or job.status != JobStatus.DONE, "finished before the kill"
+                assert time.monotonic() < deadline, "the infer job was never claimed"
+                time.sleep(0.05)
+            assert job.lease_owner is not None
+            victim = int(job.lease_owner.rsplit(":", 1)[1])
+            os.kill(victim, signal.SIGKILL)
+
+            deadline = time.monotonic() + 180
+            while True:
+                with db.read() as s:
+                    infer = s.scalar(select(Job).where(Job.id == job.id))
+                    sends = s.scalars(select(Job).where(Job.kind == JobKind.SEND)).all()
+                    made = s.scalars(select(Result)).all()
+                assert infer is not None
+                if (
+                    infer.status == JobStatus.DONE
+                    and sends
+                    and all(j.status == JobStatus.DONE for j in sends)
+                ):
+                    break
+                assert infer.status != JobStatus.DEAD, infer.last_error
+                assert time.monotonic() < deadline, (infer.status, infer.last_error)
+                time.sleep(0.2)
+        finally:
+            db.dispose()
+        assert infer.attempts == 2 and infer.lease_owner is None
+        assert "expired" in (infer.last_error or "")
+        stages = json.loads((tmp_path / "data" / "run" / "stages.json").read_text())
+        assert stages["stages"]["worker"]["restarts"] >= 1
+        # Each result reached the PACS once: no second file for any SOP Instance UID.
+        got = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in received(pacs_dir)]
+        assert sorted(got) == sorted(r.sop_instance_uid for r in made)
+        assert len(got) == len(set(got)) == len(sends) >= 3
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=30) == 0
