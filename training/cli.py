@@ -110,7 +110,7 @@ def export(
         _fail(f"checkpoint {checkpoint} does not exist")
     net = build_model(cfg)
     net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    pkg = export_package(net, target, cfg.manifest, model_card(cfg, None, 0), save_weights=False)
+    pkg = export_package(net, target, cfg.manifest, model_card(cfg, None, 0), save_weights=True)
     typer.echo(f"package written to {pkg.path}")
 
 

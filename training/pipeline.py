@@ -158,6 +158,27 @@ def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len:
         if synthetic
         else f"{cfg.data.source} data from {cfg.data.root}."
     )
+    if cfg.data.source == "phantom-radiograph":
+        from training.phantoms import radiograph_phantom
+
+        defaults = radiograph_phantom.__kwdefaults__ or {}
+        radius = cfg.data.radius_range or defaults["radius_range"]
+        contrast = cfg.data.contrast_range or defaults["contrast_range"]
+        data_text += (
+            f" {cfg.data.native_size}x{cfg.data.native_size} 12-bit images, half with one "
+            f"nodule of radius {radius[0]:g}-{radius[1]:g} of the image width and peak "
+            f"contrast {contrast[0]:g}-{contrast[1]:g} stored units."
+        )
+    elif cfg.data.source == "phantom-ct":
+        shape = "x".join(str(v) for v in cfg.data.ct_shape)
+        data_text += (
+            f" Volumes of {shape} voxels, 0-3 ellipsoid lesions each (lung and liver-like)."
+        )
+    if cfg.train.cam_loss_weight > 0:
+        data_text += (
+            f" The nodule masks fed an auxiliary CAM localisation loss "
+            f"(weight {cfg.train.cam_loss_weight:g})."
+        )
     labels = "\n".join(
         f'- `{lab.name}`: {lab.code.scheme} {lab.code.value} "{lab.code.meaning}"'
         + (
@@ -244,7 +265,7 @@ def run_training(
     if cfg.export.package_dir is not None:
         card = model_card(cfg, None, len(result.history))
         package = export_package(
-            result.net, cfg.export.package_dir, cfg.manifest, card, save_weights=False
+            result.net, cfg.export.package_dir, cfg.manifest, card, save_weights=True
         )
         if evaluate:
             out = report_dir or cfg.eval.report_dir
