@@ -180,7 +180,7 @@ def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len:
             f"(weight {cfg.train.cam_loss_weight:g})."
         )
     labels = "\n".join(
-        f'- `{lab.name}`: {lab.code.scheme} {lab.code.value} "{lab.code.meaning}"'
+        f'  - `{lab.name}`: {lab.code.scheme} {lab.code.value} "{lab.code.meaning}"'
         + (
             f", site {lab.finding_site.scheme} {lab.finding_site.value} "
             f'"{lab.finding_site.meaning}"'
