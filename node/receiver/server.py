@@ -412,7 +412,12 @@ class Receiver:
             return
         server.shutdown()
         deadline = time.monotonic() + grace_s
-        while server.active_associations and time.monotonic() < deadline:
+        # Only established associations can still deliver data worth waiting for;
+        # rejected ones linger until the peer closes (ARTIM) and are just aborted.
+        while (
+            any(a.is_established for a in server.active_associations)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         for assoc in server.active_associations:
             assoc.abort()
