@@ -135,7 +135,20 @@ class Worker:
         return self._packages
 
     def predictor(self, name: str, version: str) -> Predictor:
+        """The loaded predictor for ``name`` at ``version``.
+
+        A package installed or upgraded while the worker runs is picked up: on a miss
+        the model folders are scanned again before the job is given up, and a
+        predictor of an older version is dropped.
+        """
         pkg = self.packages.get(name)
+        if pkg is None or pkg.version != version:
+            self._packages = None
+            pkg = self.packages.get(name)
+            cached = self._predictors.get(name)
+            if cached is not None and (pkg is None or cached.package.version != pkg.version):
+                cached.backend.close()
+                del self._predictors[name]
         if pkg is None:
             raise jobs.PermanentJobError(
                 f"model {name!r} is not installed (looked in "

@@ -411,3 +411,28 @@ def test_release_orphans_leaves_live_workers_alone(tmp_path: Path) -> None:
     job = job_row(db, job_id)
     assert job.status == JobStatus.RUNNING and job.lease_owner == live
     db.dispose()
+
+
+def test_a_package_upgraded_while_the_worker_runs_is_picked_up(tmp_path: Path) -> None:
+    from models.package import load_package, write_manifest
+
+    cfg = make_cfg(tmp_path)
+    db = init_db(cfg.node.resolved_database_url)
+    worker = Worker(cfg, db)
+    receive(db, cfg, dx_study())
+    (first,) = schedule(db, cfg)
+    worker.run_one()
+    assert job_row(db, first).status == JobStatus.DONE
+    # Upgrade cxr-nodule on disk; the scheduler queues the next study for 0.0.2.
+    pkg_dir = cfg.inference.model_dirs[0] / "cxr-nodule"
+    manifest = load_package(pkg_dir, require_onnx=False).manifest.model_dump(mode="json")
+    manifest["model"]["version"] = "0.0.2"
+    write_manifest(pkg_dir, manifest)
+    receive(db, cfg, [dx_image(rows=128, cols=128, seed=5)])
+    (second,) = schedule(db, cfg)
+    assert job_row(db, second).payload["model_version"] == "0.0.2"
+    worker.run_one()
+    job = job_row(db, second)
+    assert job.status == JobStatus.DONE, job.last_error
+    assert worker.predictor("cxr-nodule", "0.0.2").package.version == "0.0.2"
+    db.dispose()
