@@ -134,3 +134,33 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cam_localisation_loss_prefers_the_lesion_cell() -> None:
+    from training.train import cam_localisation_loss
+
+    mask = torch.zeros(1, 32, 32, dtype=torch.long)
+    mask[0, 0:8, 24:32] = 1  # entirely inside CAM cell (0, 3) of a 4x4 map
+    good = torch.zeros(1, 4, 4)
+    good[0, 0, 3] = 5.0
+    bad = torch.zeros(1, 4, 4)
+    bad[0, 3, 0] = 5.0
+    yes = torch.tensor([1])
+    assert cam_localisation_loss(good, mask, yes) < cam_localisation_loss(bad, mask, yes)
+    # -log softmax at the lesion cell, by hand: 15 cells at 0, one at 5
+    expected = -(5.0 - np.log(np.exp(5.0) + 15))
+    assert float(cam_localisation_loss(good, mask, yes)) == pytest.approx(expected, rel=1e-5)
+    # negatives and empty masks contribute nothing
+    assert float(cam_localisation_loss(bad, mask, torch.tensor([0]))) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_precision_training_on_gpu() -> None:
+    cfg = _cfg("cxr-nodule", epochs=4, batch_size=8, lr=3e-3, augment=False, patience=100)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": "cuda"})})
+    train, val = _cls_data(cfg)
+    res = train_model(cfg, train, val)
+    assert next(res.net.parameters()).is_cuda
+    losses = [h["train_loss"] for h in res.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
