@@ -1,4 +1,4 @@
-"""``airnode train``, ``airnode evaluate`` and ``airnode export``.
+"""``airnode train``, ``evaluate``, ``export`` and ``crossval``.
 
 :func:`register` adds the commands to the node's typer app; torch and scikit-learn
 are imported only when a command runs.  Errors a user can meet (bad config, missing
@@ -114,6 +114,23 @@ def export(
     typer.echo(f"package written to {pkg.path}")
 
 
+def crossval(
+    config: Annotated[Path, typer.Argument(help="Training config (TOML).")],
+    folds: Annotated[int, typer.Option(help="Number of patient-level folds.")] = 5,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Patient-level k-fold cross-validation: the validation metric per fold, mean and SD."""
+    cfg = _config(config)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": progress})})
+    from training.pipeline import cross_validate
+
+    try:
+        result = cross_validate(cfg, folds)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result, indent=2))
+
+
 def _echo_headline(results: dict[str, object]) -> None:
     keep = {}
     cls = results.get("classification")
@@ -136,3 +153,4 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("export")(export)
+    app.command("crossval")(crossval)

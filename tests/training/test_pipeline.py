@@ -71,3 +71,18 @@ def test_tiny_run_writes_package_report_and_card(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     again = json.loads((out / "results.json").read_text())
     assert again["classification"]["n"] == 12 and "baseline" not in again
+
+
+def test_cross_validation_scores_every_fold(tmp_path: Path) -> None:
+    from training.pipeline import cross_validate
+
+    data = tomllib.loads((REPO / "config/train/cxr-nodule.toml").read_text())
+    data["data"].update(n=18, native_size=64)
+    data["train"].update(epochs=1, batch_size=6, progress=False, threads=1)
+    data["export"] = {}
+    data["manifest"]["model"]["arch_kwargs"] = {"base_width": 4}
+    data["manifest"]["input"]["size"] = [64, 64]
+    result = cross_validate(parse_train_config(data), k=3)
+    assert result["k"] == 3 and len(result["scores"]) == 3
+    assert all(0.0 <= s <= 1.0 for s in result["scores"])
+    assert min(result["scores"]) <= result["mean"] <= max(result["scores"])
