@@ -326,6 +326,10 @@ def train_model(
             if improved:
                 best_metric, best_epoch, bad_epochs = metric, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            elif math.isnan(metric) and best_metric == -math.inf:
+                # no usable validation metric yet (e.g. one class only): keep the latest
+                best_epoch = epoch
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             else:
                 bad_epochs += 1
             if run_dir is not None:
@@ -355,6 +359,8 @@ def train_model(
             progress.close()
     net.load_state_dict(best_state)
     net.eval()
+    if best_metric == -math.inf:
+        best_metric = float("nan")
     return TrainResult(net, best_metric, best_epoch, history, run_dir, step)
 
 

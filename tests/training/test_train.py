@@ -164,3 +164,18 @@ def test_mixed_precision_training_on_gpu() -> None:
     assert next(res.net.parameters()).is_cuda
     losses = [h["train_loss"] for h in res.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_single_class_validation_keeps_trained_weights() -> None:
+    cfg = _cfg("cxr-nodule", epochs=2, batch_size=8, patience=100)
+    train, val = _cls_data(cfg)
+    negatives = val.subset([i for i in range(len(val)) if val.labels[i] == 0])
+    res = train_model(cfg, train, negatives)
+    assert np.isnan(res.best_metric) and res.best_epoch == 1
+    init = _cfg("cxr-nodule", epochs=1, max_steps=1)
+    from training.train import build_model, seed_everything
+
+    seed_everything(init.run.seed)
+    fresh = build_model(init).state_dict()
+    trained = res.net.state_dict()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)
