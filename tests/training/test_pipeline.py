@@ -86,3 +86,30 @@ def test_cross_validation_scores_every_fold(tmp_path: Path) -> None:
     assert result["k"] == 3 and len(result["scores"]) == 3
     assert all(0.0 <= s <= 1.0 for s in result["scores"])
     assert min(result["scores"]) <= result["mean"] <= max(result["scores"])
+
+
+def test_image_folder_source_trains_and_evaluates_on_the_validation_split(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from training.phantoms import radiograph_phantom
+
+    for label, name in ((False, "0_clear"), (True, "1_nodule")):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(8):
+            img = radiograph_phantom(100 * int(label) + i, size=64, nodule=label).image
+            png = (img.astype(np.float32) / 4095 * 255).astype(np.uint8)
+            Image.fromarray(png).save(tmp_path / "img" / name / f"P{int(label)}{i}_a.png")
+    data = tomllib.loads((REPO / "config/train/cxr-nodule.toml").read_text())
+    data["run"]["output_dir"] = str(tmp_path / "runs")
+    data["data"] = {"source": "images", "root": str(tmp_path / "img"), "val_fraction": 0.5}
+    data["train"].update(epochs=1, batch_size=4, progress=False, threads=1, cam_loss_weight=0.0)
+    data["eval"].update(n_boot=20, report_dir=str(tmp_path / "report"), baseline=False)
+    data["export"]["package_dir"] = str(tmp_path / "pkg")
+    data["manifest"]["model"]["arch_kwargs"] = {"base_width": 4}
+    data["manifest"]["input"]["size"] = [64, 64]
+    summary = run_training(parse_train_config(data))
+    assert summary.results is not None
+    assert summary.results["classification"]["n"] == 8  # half of 16 patients
+    assert "validation split of images data" in summary.results["test_set"]
+    assert (tmp_path / "pkg" / "model.onnx").is_file()
