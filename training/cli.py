@@ -20,8 +20,10 @@ __all__ = ["register"]
 
 
 def _fail(message: str) -> NoReturn:
-    typer.echo(f"airnode: {message}", err=True)
-    raise typer.Exit(2)
+    """End with one line ``airnode: ...`` and exit status 2 (the node CLI's user error)."""
+    from node.cli import UserError
+
+    raise UserError(message)
 
 
 def _config(path: Path) -> TrainingConfig:

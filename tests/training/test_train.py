@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from training.config import TrainConfigError, TrainingConfig, load_train_config, parse_train_config
 from training.datasets import ct_phantom_slices, radiograph_phantom_set
@@ -123,17 +122,18 @@ def test_shipped_configs_are_valid() -> None:
         assert cfg.eval.seed != cfg.data.seed  # the test set is held out
 
 
-def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
-    import typer
+def test_cli_reports_user_errors_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.cli import main
 
-    from training.cli import register
-
-    app = typer.Typer()
-    register(app)
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "missing.toml")])
-    assert result.exit_code == 2
-    assert "does not exist" in result.output
-    assert "Traceback" not in result.output
+    assert main(["train", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("airnode: ") and "does not exist" in err and len(err.splitlines()) == 1
+    cfg = str(REPO / "config/train/cxr-nodule.toml")
+    assert main(["evaluate", cfg, "--package", str(tmp_path / "nopkg")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest" in err and "Traceback" not in err
 
 
 def test_cam_localisation_loss_prefers_the_lesion_cell() -> None:
