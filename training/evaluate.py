@@ -328,6 +328,40 @@ def _dice_plot(out_dir: Path, seg: dict[str, Any]) -> str:
     return "dice.png"
 
 
+def _cam_examples(out_dir: Path, test: ArraySet, cams: np.ndarray, n: int = 6) -> str:
+    """The first ``n`` positives: image, CAM (bilinear) overlay, nodule outline, peak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+
+    idx = [int(i) for i in np.nonzero(test.labels == 1)[0][:n]]
+    size = (int(test.images.shape[2]), int(test.images.shape[3]))
+    fig, axes = plt.subplots(1, len(idx), figsize=(2.6 * len(idx), 2.9))
+    for ax, i in zip(np.atleast_1d(axes), idx, strict=True):
+        up = F.interpolate(
+            torch.from_numpy(cams[i : i + 1, :1].astype(np.float32)),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        )[0, 0].numpy()
+        ax.imshow(test.images[i, 0], cmap="gray")
+        ax.imshow(up, cmap="jet", alpha=0.35)
+        if test.masks is not None:
+            ax.contour(test.masks[i], levels=[0.5], colors="white", linewidths=0.8)
+        pk = cam_peak(cams[i, 0], size)
+        hit = test.masks is not None and peak_inside(pk, test.masks[i])
+        ax.plot(pk[1], pk[0], "+", color="lime" if hit else "red", ms=12, mew=2)
+        ax.set_axis_off()
+    fig.suptitle("CAM (colour), nodule outline (white), refined peak (+ green inside, red outside)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "cam_examples.png", dpi=90)
+    plt.close(fig)
+    return "cam_examples.png"
+
+
 def write_report(
     out_dir: str | Path,
     package: ModelPackage,
@@ -335,6 +369,7 @@ def write_report(
     *,
     y: np.ndarray | None = None,
     curves: dict[str, np.ndarray] | None = None,
+    cam_examples: tuple[ArraySet, np.ndarray] | None = None,
 ) -> Path:
     """Write ``results.json``, plots and ``report.md`` into ``out_dir``; returns the report."""
     out = Path(out_dir)
@@ -342,6 +377,8 @@ def write_report(
     plots: list[str] = []
     if y is not None and curves:
         plots = _plots(out, y, curves)
+    if cam_examples is not None and int(cam_examples[0].labels.sum()) > 0:
+        plots.append(_cam_examples(out, *cam_examples))
     if "segmentation" in results:
         plots.append(_dice_plot(out, results["segmentation"]))
     (out / "results.json").write_text(json.dumps(_clean(results), indent=2) + "\n", "utf-8")

@@ -140,7 +140,9 @@ def evaluate_package(
         results["segmentation"] = evaluate_segmentation(pred, test, _voxel_volume(cfg))
     results.update(extra or {})
     if out_dir is not None:
-        write_report(out_dir, package, results, y=y, curves=curves)
+        cams = outputs.get("cam")
+        examples = (test, cams) if cams is not None else None
+        write_report(out_dir, package, results, y=y, curves=curves, cam_examples=examples)
     return results
 
 

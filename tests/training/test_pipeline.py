@@ -35,7 +35,7 @@ def test_tiny_run_writes_package_report_and_card(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert results["classification"]["n"] == 20
     assert set(results["baseline"]) >= {"random_forest", "svm_rbf"}
-    for name in ("report.md", "roc.png", "pr.png", "reliability.png"):
+    for name in ("report.md", "roc.png", "pr.png", "reliability.png", "cam_examples.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert (tmp_path / "runs" / "cxr-nodule" / "log.csv").is_file()
     assert summary.results is not None
