@@ -206,7 +206,9 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--processes", type=int, default=4, help="airnode receiver processes")
+    ap.add_argument(
+        "--processes", type=int, nargs="+", default=[2, 4], help="airnode receiver processes"
+    )
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = ap.parse_args()
     for tool in ("storescu", "storescp", "/usr/sbin/Orthanc"):
@@ -219,7 +221,7 @@ def main() -> int:
         total_mb = sum(f.stat().st_size for f in files) / 1e6
         receivers: list[tuple[str, Receiver, int]] = [
             ("airnode, 1 process", airnode, 1),
-            (f"airnode, {args.processes} processes", airnode, args.processes),
+            *[(f"airnode, {n} processes", airnode, n) for n in args.processes if n > 1],
             ("dcmtk storescp --fork", storescp, 1),
             ("Orthanc", orthanc, 1),
         ]
@@ -275,13 +277,24 @@ def render(results: dict[tuple[str, int], float], args: argparse.Namespace, mb: 
         }[name.split(",")[0].split(" ")[0]]
         lines.append(f"| {name} | {a} | {args.slices / t:.1f} | {mb / t:.1f} | {durable} |")
     scp = "dcmtk storescp --fork"
-    many = f"airnode, {args.processes} processes"
     one_vs_orthanc = rate("airnode, 1 process", 1) / rate("Orthanc", 1)
-    four_vs_scp = max(rate(many, 4), rate("airnode, 1 process", 4)) / rate(scp, 4)
+    best4 = max(rate(name, 4) for name, a in results if a == 4 and name.startswith("airnode"))
+    four_vs_scp = best4 / rate(scp, 4)
     lines += [
         "",
         f"- 1 association: airnode / Orthanc = {one_vs_orthanc:.2f} (target ≥ 1).",
         f"- 4 associations: best airnode / storescp = {four_vs_scp:.2f} (target ≥ 0.6).",
+        "",
+        "Reading the figures: every airnode instance costs three fsyncs before its "
+        "0x0000 (file, directory, SQLite WAL; the WAL one is shared by concurrent "
+        "associations through group commit) and roughly 7-10 ms of Python CPU "
+        "(pynetdicom's PDU handling and polling threads, header parse, SHA-256, SQL). "
+        "storescp only writes to the page cache. On a 2-core machine that also runs "
+        "the four storescu senders, more receiver processes than cores oversubscribe "
+        "the CPU: here 1 or 2 processes do best (which one varies between runs); with "
+        "more cores set `receiver_processes` to about the number of free cores. Run-to-run variation "
+        "on this shared machine is large (other test suites run at the same time), so "
+        "compare ratios within one run.",
         "",
     ]
     return "\n".join(lines)
