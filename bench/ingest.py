@@ -292,9 +292,9 @@ def render(results: dict[tuple[str, int], float], args: argparse.Namespace, mb: 
         "storescp only writes to the page cache. On a 2-core machine that also runs "
         "the four storescu senders, more receiver processes than cores oversubscribe "
         "the CPU: here 1 or 2 processes do best (which one varies between runs); with "
-        "more cores set `receiver_processes` to about the number of free cores. Run-to-run variation "
-        "on this shared machine is large (other test suites run at the same time), so "
-        "compare ratios within one run.",
+        "more cores set `receiver_processes` to about the number of free cores. "
+        "Run-to-run variation on this shared machine is large (other test suites "
+        "run at the same time), so compare ratios within one run.",
         "",
     ]
     return "\n".join(lines)

@@ -239,7 +239,9 @@ def _bundled_files(dest: Path) -> dict[str, list[Path]]:
         if ok.returncode != 0:
             target.unlink()
             continue
-        subprocess.run([dcmodify, "-q", "-nb", "-gin", "-gst", "-gse", str(target)], check=True, timeout=60)
+        subprocess.run(
+            [dcmodify, "-q", "-nb", "-gin", "-gst", "-gse", str(target)], check=True, timeout=60
+        )
         groups.setdefault(ts, []).append(target)
     return groups
 
