@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 if TYPE_CHECKING:
+    from models.package import ModelPackage
     from training.config import TrainingConfig
 
 __all__ = ["register"]
@@ -86,10 +87,28 @@ def evaluate(
     except ManifestError as exc:
         _fail(str(exc))
     test = build_test_set(cfg, n=n, seed=seed)
+    out_dir = out or cfg.eval.report_dir
     results = evaluate_package(
-        cfg, pkg, test_set=test, out_dir=out or cfg.eval.report_dir, baseline=baseline
+        cfg,
+        pkg,
+        test_set=test,
+        out_dir=out_dir,
+        baseline=baseline,
+        extra=_training_record(out_dir, pkg),
     )
     _echo_headline(results)
+
+
+def _training_record(out_dir: Path | None, pkg: ModelPackage) -> dict[str, object]:
+    """Keep the training history of a report being rewritten for the same package."""
+    if out_dir is None or not (out_dir / "results.json").is_file():
+        return {}
+    try:
+        prev = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = prev.get("model") == {"name": pkg.name, "version": pkg.version}
+    return {"training": prev["training"]} if same and "training" in prev else {}
 
 
 def export(

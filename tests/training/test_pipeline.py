@@ -71,6 +71,14 @@ def test_tiny_run_writes_package_report_and_card(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     again = json.loads((out / "results.json").read_text())
     assert again["classification"]["n"] == 12 and "baseline" not in again
+    assert "training" not in again
+    # re-evaluating into the run's own report keeps its training record
+    args = ["evaluate", str(cfg_file), "--package", str(tmp_path / "pkg")]
+    args += ["--out", str(tmp_path / "report"), "--n", "12", "--no-baseline"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    rewritten = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert rewritten["training"] == results["training"]
+    assert rewritten["classification"]["n"] == 12
 
 
 def test_cross_validation_scores_every_fold(tmp_path: Path) -> None:
