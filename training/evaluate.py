@@ -362,6 +362,39 @@ def _cam_examples(out_dir: Path, test: ArraySet, cams: np.ndarray, n: int = 6) -
     return "cam_examples.png"
 
 
+def _seg_examples(out_dir: Path, test: ArraySet, pred: np.ndarray, n: int = 6) -> str:
+    """The largest-lesion slice of the first ``n`` cases: truth (green), prediction (red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assert test.masks is not None
+    picks: list[int] = []
+    for g in dict.fromkeys(test.groups):
+        ix = [i for i, gg in enumerate(test.groups) if gg == g]
+        areas = [int(test.masks[i].sum()) for i in ix]
+        if max(areas) > 0:
+            picks.append(ix[int(np.argmax(areas))])
+        if len(picks) == n:
+            break
+    if not picks:
+        picks = [0]
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.9))
+    for ax, i in zip(np.atleast_1d(axes), picks, strict=True):
+        ax.imshow(test.images[i, 0], cmap="gray")
+        ax.contour(test.masks[i], levels=[0.5], colors="lime", linewidths=1.6)
+        if pred[i].any():
+            ax.contour(pred[i] > 0, levels=[0.5], colors="red", linewidths=0.8, linestyles="--")
+        ax.set_title(test.groups[i], fontsize=7)
+        ax.set_axis_off()
+    fig.suptitle("Lesion: ground truth (green), prediction (red, dashed)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "seg_examples.png", dpi=90)
+    plt.close(fig)
+    return "seg_examples.png"
+
+
 def write_report(
     out_dir: str | Path,
     package: ModelPackage,
@@ -370,6 +403,7 @@ def write_report(
     y: np.ndarray | None = None,
     curves: dict[str, np.ndarray] | None = None,
     cam_examples: tuple[ArraySet, np.ndarray] | None = None,
+    seg_examples: tuple[ArraySet, np.ndarray] | None = None,
 ) -> Path:
     """Write ``results.json``, plots and ``report.md`` into ``out_dir``; returns the report."""
     out = Path(out_dir)
@@ -381,6 +415,8 @@ def write_report(
         plots.append(_cam_examples(out, *cam_examples))
     if "segmentation" in results:
         plots.append(_dice_plot(out, results["segmentation"]))
+    if seg_examples is not None and seg_examples[0].masks is not None:
+        plots.append(_seg_examples(out, *seg_examples))
     (out / "results.json").write_text(json.dumps(_clean(results), indent=2) + "\n", "utf-8")
     lines = [
         f"# Evaluation: {package.name} {package.version}",

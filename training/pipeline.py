@@ -116,6 +116,7 @@ def evaluate_package(
     }
     y = None
     curves: dict[str, np.ndarray] = {}
+    seg_examples = None
     if package.task == "classification":
         label = package.manifest.output.labels[0]
         probs = _sigmoid(outputs["logits"][:, 0])
@@ -138,11 +139,20 @@ def evaluate_package(
     else:
         pred = outputs["mask_logits"].argmax(1)
         results["segmentation"] = evaluate_segmentation(pred, test, _voxel_volume(cfg))
+        seg_examples = (test, pred)
     results.update(extra or {})
     if out_dir is not None:
         cams = outputs.get("cam")
         examples = (test, cams) if cams is not None else None
-        write_report(out_dir, package, results, y=y, curves=curves, cam_examples=examples)
+        write_report(
+            out_dir,
+            package,
+            results,
+            y=y,
+            curves=curves,
+            cam_examples=examples,
+            seg_examples=seg_examples,
+        )
     return results
 
 
