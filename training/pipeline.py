@@ -226,7 +226,7 @@ def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len:
         + f", normalised (x - {m.input.mean}) / {m.input.std}",
         f"- outputs ({m.output.activation}):",
         labels,
-        f"- device UID (changes with every retrained version): {m.model.device_uid}",
+        f"- device UID: {m.model.device_uid} (a new version must get a new UID)",
         "",
         "## Intended use",
         "Demonstrating and testing the airnode pipeline end to end (reception, routing, "
