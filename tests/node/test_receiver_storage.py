@@ -207,3 +207,22 @@ def test_reconcile_restores_consistency_after_a_crash(
     assert uids == {series[0].SOPInstanceUID, series[2].SOPInstanceUID}
     assert not broken.exists() and list(spool.tmp.iterdir()) == []
     assert spool.reconcile() == dict.fromkeys(counts, 0)
+
+
+def test_association_guard_limits_total_and_per_host_across_processes() -> None:
+    from node.receiver import AssociationGuard
+
+    shared: list[int] = [0] * (2 * 252)
+    a = AssociationGuard(3, 2, counters=shared, index=0, processes=2)
+    b = AssociationGuard(3, 2, counters=shared, index=1, processes=2)
+    assert a.acquire("10.0.0.1") is None
+    assert b.acquire("10.0.0.1") is None
+    assert "one host" in (a.acquire("10.0.0.1") or "")  # per-host limit, seen across processes
+    assert b.acquire("10.0.0.2") is None
+    assert a.acquire("10.0.0.3") == "too many associations (limit 3)"
+    b.release("10.0.0.2")
+    assert a.acquire("10.0.0.3") is None
+    a.reset_row(1)  # process 1 died: its slots are freed
+    assert b.acquire("10.0.0.4") is None
+    with pytest.raises(ValueError, match="max_per_host"):
+        AssociationGuard(1, 0)
