@@ -227,6 +227,11 @@ class Predictor:
             owners += idx
             probs = _softmax(out["mask_logits"], 1)  # (b, K+1, h, w)
             for j, smap in enumerate(bmaps):
+                if not (probs[j, 1:].max(axis=0) >= probs[j, 0]).any():
+                    # Background wins everywhere on the model grid, so it wins everywhere
+                    # after linear resampling too (non-negative weights): skip the work.
+                    masks.append(np.zeros(smap.src_shape, dtype=np.uint8))
+                    continue
                 back = smap.inverse(probs[j], "linear")  # (K+1, H, W)
                 labels = np.argmax(back, axis=0).astype(np.uint8)
                 masks.append(labels)

@@ -21,6 +21,7 @@ C.7.6.2.1.1), falling back to InstanceNumber.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -271,8 +272,11 @@ def _kernel(
     raise ValueError(f"unknown interpolation {kind!r}")
 
 
+@functools.lru_cache(maxsize=64)
 def _resample_matrix(n_in: int, n_out: int, kind: Interpolation) -> npt.NDArray[np.float32]:
     """A ``(n_out, n_in)`` matrix resampling a 1-D signal, pixel centres aligned.
+
+    Cached (read-only): a series resamples every slice between the same two grids.
 
     Output sample *i* sits at input coordinate ``(i + 0.5) * n_in / n_out - 0.5``
     (the ``align_corners=False`` convention).  When shrinking, the kernel is widened
@@ -285,7 +289,9 @@ def _resample_matrix(n_in: int, n_out: int, kind: Interpolation) -> npt.NDArray[
     if kind == "nearest":
         idx = np.clip(np.floor(centres + 0.5).astype(np.int64), 0, n_in - 1)
         m[np.arange(n_out), idx] = 1.0
-        return m.astype(np.float32)
+        nearest = m.astype(np.float32)
+        nearest.setflags(write=False)
+        return nearest
     func, support = _kernel(kind)
     stretch = max(scale, 1.0)
     radius = support * stretch
@@ -299,7 +305,9 @@ def _resample_matrix(n_in: int, n_out: int, kind: Interpolation) -> npt.NDArray[
             continue
         w /= total
         np.add.at(m[i], np.clip(taps, 0, n_in - 1), w)
-    return m.astype(np.float32)
+    out = m.astype(np.float32)
+    out.setflags(write=False)
+    return out
 
 
 @dataclass(frozen=True)

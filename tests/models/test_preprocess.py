@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
@@ -340,3 +340,33 @@ def test_voi_lut_sequence_is_applied_when_no_window() -> None:
     item.LUTData = [0, 255, 0, 255]  # not monotonic: only a LUT can give this
     ds.VOILUTSequence = [item]
     np.testing.assert_allclose(image_to_unit(pix, ds), [[0.0, 1.0, 0.0, 1.0]])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    src=st.tuples(st.integers(3, 97), st.integers(3, 97)),
+    dst=st.tuples(st.integers(3, 64), st.integers(3, 64)),
+)
+def test_background_winning_on_the_model_grid_wins_after_linear_inverse(
+    seed: int, src: tuple[int, int], dst: tuple[int, int]
+) -> None:
+    """The pipeline skips resampling slices whose background wins everywhere; this is why
+    that is exact: linear weights are non-negative, so the inequality survives."""
+    rng = np.random.default_rng(seed)
+    fg = rng.uniform(0.0, 0.49, size=(2, *dst)).astype(np.float32)
+    probs = np.concatenate([1.0 - fg.max(axis=0, keepdims=True), fg])
+    back = SpatialMap(src, dst).inverse(probs, "linear")
+    assert not np.argmax(back, axis=0).any()
+
+
+def test_resample_matrices_are_cached_and_read_only() -> None:
+    a = SpatialMap((40, 50), (16, 16)).forward(np.ones((40, 50), np.float32))
+    b = SpatialMap((40, 50), (16, 16)).forward(np.ones((40, 50), np.float32))
+    np.testing.assert_array_equal(a, b)
+    from models.preprocess import _resample_matrix
+
+    m = _resample_matrix(40, 16, "linear")
+    assert m is _resample_matrix(40, 16, "linear")
+    with pytest.raises(ValueError):
+        m[0, 0] = 2.0
