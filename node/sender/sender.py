@@ -70,7 +70,7 @@ class Sender:
         *,
         owner: str | None = None,
         batch_size: int = 16,
-        poll_s: float = 1.0,
+        poll_s: float = 0.25,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
