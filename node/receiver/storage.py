@@ -8,7 +8,8 @@ without sockets.
 The order of operations is the contract (design guide, "acknowledgement contract"):
 temp file in ``spool/tmp`` (same file system) → ``fsync`` → ``link`` to the final
 name → ``fsync`` of the directory → ``instances`` + ``studies`` + ``audit`` rows in
-one transaction → only then success.  A crash anywhere before the commit leaves at
+one transaction (shared with concurrent stores, see :class:`GroupCommit`) → only then
+success.  A crash anywhere before the commit leaves at
 most a temp file or a file without a row, which :meth:`Spool.reconcile` cleans up at
 the next start.
 
