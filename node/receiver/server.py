@@ -24,6 +24,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -304,7 +305,9 @@ class Receiver:
         Association counters; a private one when ``None`` (single process).
     """
 
-    def __init__(self, cfg: NodeConfig, guard: AssociationGuard | None = None) -> None:
+    def __init__(
+        self, cfg: NodeConfig, guard: AssociationGuard | None = None, index: int = 0
+    ) -> None:
         sec: SecurityConfig = cfg.security
         self.cfg = cfg
         self.guard = guard or AssociationGuard(sec.max_associations, sec.max_associations_per_host)
@@ -320,6 +323,7 @@ class Receiver:
             allowed_hosts=frozenset(sec.allowed_hosts),
             handshake_timeout_s=sec.acse_timeout_s,
         )
+        self.index = index
         self._server: _Server | None = None
         self._ae: AE | None = None
 
@@ -371,7 +375,13 @@ class Receiver:
         # log handlers are off (they cost time and would format data sets).
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_HANDLER_LEVEL = "none"
-        tempfile.tempdir = str(self.spool.tmp)
+        # Each process streams into its own temp directory and empties it when it
+        # (re)starts: a process that died leaves nothing behind for long, and no
+        # process ever deletes a transfer another one is still writing.
+        tmp_dir = self.spool.tmp / f"p{self.index}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        tempfile.tempdir = str(tmp_dir)
         ae = AE(ae_title=self.cfg.node.ae_title)
         ae.maximum_associations = 10_000  # the guard enforces the real limits
         ae.network_timeout = sec.network_timeout_s
@@ -451,7 +461,7 @@ def _serve_child(cfg: NodeConfig, counters: Any, index: int, processes: int) -> 
         index=index,
         processes=processes,
     )
-    receiver = Receiver(cfg, guard)
+    receiver = Receiver(cfg, guard, index)
     receiver.start()
     while not stop.wait(1.0):
         pass

@@ -639,9 +639,13 @@ class Spool:
         Must run before any association is accepted.  Returns counts per action.
         """
         counts = {"temp_removed": 0, "registered": 0, "orphans_removed": 0, "rows_removed": 0}
-        for tmp in self.tmp.iterdir():
+        for entry in self.tmp.iterdir():
+            if entry.is_dir():  # a receiver process's own temp directory
+                counts["temp_removed"] += sum(1 for p in entry.rglob("*") if p.is_file())
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                entry.unlink()
                 counts["temp_removed"] += 1
         with self.db.read() as s:
             rows = {

@@ -200,8 +200,10 @@ def test_reconcile_restores_consistency_after_a_crash(
     broken.parent.mkdir(parents=True, exist_ok=True)
     broken.write_bytes(b"not dicom")
     (spool.tmp / "abc.part").write_bytes(b"half")
+    (spool.tmp / "p1").mkdir()
+    (spool.tmp / "p1" / "tmpx.dcm").write_bytes(b"half")
     counts = spool.reconcile()
-    assert counts == {"temp_removed": 1, "registered": 1, "orphans_removed": 1, "rows_removed": 1}
+    assert counts == {"temp_removed": 2, "registered": 1, "orphans_removed": 1, "rows_removed": 1}
     with db.read() as s:
         uids = set(s.scalars(select(Instance.sop_instance_uid)))
     assert uids == {series[0].SOPInstanceUID, series[2].SOPInstanceUID}
