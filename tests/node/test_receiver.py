@@ -574,3 +574,33 @@ def test_logs_hold_no_patient_name_id_or_birth_date(make_node, tmp_path: Path, l
         for part in str(ds.PatientName).split("^"):
             if len(part) > 2:
                 assert part not in log, (level, part)
+
+
+def _children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+@pytest.mark.slow
+def test_a_killed_receiver_process_is_replaced_and_service_continues(
+    make_node, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(extra="receiver_processes = 2")
+    before = _children(node.proc.pid)
+    assert len(before) == 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = _children(node.proc.pid)
+        if len(after) == 2 and victim not in after:
+            break
+        time.sleep(0.2)
+    assert victim not in after and len(after) == 2
+    files = write_series(ct_series(8, 32, 32, seed=31), tmp_path / "ct")
+    for _ in range(4):  # several connections, so both processes take some
+        assert _echoscu(node.port) == 0
+    out = _storescu(node.port, files)
+    ok, bad = _acknowledged(out.stdout + out.stderr)
+    assert bad == set() and len(ok) == 8
+    assert len(node.rows()) == 8
