@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     _register_optional()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
     except UserError as exc:
         typer.echo(f"airnode: {exc}", err=True)
         return 2
@@ -184,15 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
+    except Exception as exc:
+        # Usage errors (unknown command, bad option) come from the click that typer
+        # vendors; they know how to print themselves and which exit code they mean.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            return code
         raise
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy, so that UserError raised by
+    # subcommand modules (which import node.cli) is the class caught above.
+    from node.cli import main as _main
+
+    sys.exit(_main())
