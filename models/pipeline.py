@@ -31,6 +31,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from models.backends import Backend, create_backend
+from models.cam import cam_peak
 from models.package import ModelPackage
 from models.preprocess import (
     SpatialMap,
@@ -199,8 +200,11 @@ class Predictor:
                 smap = maps[frame]
                 model_grid = _upsample_to(cam[frame, k], smap.dst_shape)
                 heat = _unit(smap.inverse(model_grid, "cubic"))
-                r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
-                peak = (uid, int(r), int(c))
+                # The sub-cell peak that evaluation measures (models.cam), not the
+                # argmax of the smoothed map, which is biased to cell centres.
+                pr, pc = smap.inverse_point(*cam_peak(cam[frame, k], smap.dst_shape))
+                rows, cols = heat.shape
+                peak = (uid, min(max(round(pr), 0), rows - 1), min(max(round(pc), 0), cols - 1))
                 if prob >= label.threshold:
                     old = result.heatmaps.get(uid)
                     result.heatmaps[uid] = heat if old is None else np.maximum(old, heat)

@@ -49,3 +49,39 @@ def test_ct_lesion_dice() -> None:
     test = build_test_set(cfg, n=8, seed=636363)
     seg = evaluate_package(cfg, pkg, test_set=test)["segmentation"]
     assert seg["dice_mean"] >= 0.80
+
+
+@pytest.mark.skipif(not _have("cxr-nodule"), reason="cxr-nodule package not built")
+def test_cxr_nodule_served_from_dicom_points_at_the_nodule() -> None:
+    """The node's own path: DICOM (MONOCHROME1 too) → Predictor → Finding.peak on the
+    original 512 × 512 grid, which the SR reports as the finding's location."""
+    import numpy as np
+
+    from models.pipeline import Predictor
+    from node.synthetic import dx_image
+    from training.metrics import roc_auc
+    from training.phantoms import radiograph_phantom
+
+    predictor = Predictor(load_package(PACKAGES / "cxr-nodule"), "onnxruntime")
+    labels: list[int] = []
+    scores: list[float] = []
+    hits = positives = 0
+    for i in range(24):
+        ph = radiograph_phantom(909000 + i, size=512, nodule=i % 2 == 0)
+        ds = dx_image(
+            ph.image,
+            rows=512,
+            cols=512,
+            seed=i,
+            photometric=("MONOCHROME1", "MONOCHROME2")[i % 3 > 0],
+        )
+        finding = predictor.predict([ds]).findings[0]
+        labels.append(ph.label)
+        scores.append(finding.probability)
+        if ph.label:
+            positives += 1
+            assert finding.peak is not None
+            _, r, c = finding.peak
+            hits += bool(ph.mask[r, c])
+    assert roc_auc(np.array(labels), np.array(scores)) >= 0.95
+    assert hits / positives >= 0.80
