@@ -338,7 +338,7 @@ class Worker:
 def run(cfg: NodeConfig) -> None:
     """Entry point of ``airnode work``: run until SIGTERM or Ctrl-C."""
     configure_logging(
-        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage="work"
+        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage="worker"
     )
     db = init_db(cfg.node.resolved_database_url)
     worker = Worker(cfg, db)
