@@ -39,7 +39,7 @@ def echo(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    tls_args = (tls, "") if tls is not None else None
+    tls_args = (tls, host) if tls is not None else None
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if not assoc.is_established:
         return -1

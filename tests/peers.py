@@ -349,3 +349,29 @@ def shipped_packages_present() -> bool:
         and (SHIPPED_PACKAGES / m / "model.onnx").is_file()
         for m in DEMO_MODELS
     )
+
+
+# ------------------------------------------------------------------ test PKI
+def openssl(*args: str) -> None:
+    """Run the openssl command line (test PKI only)."""
+    subprocess.run([require_tool("openssl"), *args], check=True, capture_output=True, timeout=60)
+
+
+def make_ca(d: Path, name: str) -> tuple[Path, Path]:
+    """A throwaway self-signed CA: (key, certificate)."""
+    key, crt = d / f"{name}.key", d / f"{name}.crt"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             f"/CN={name}", "-keyout", str(key), "-out", str(crt))  # fmt: skip
+    return key, crt
+
+
+def make_leaf(d: Path, name: str, ca_key: Path, ca_crt: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by the CA: (key, certificate)."""
+    key, csr, crt = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt"
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+             "-keyout", str(key), "-out", str(csr))  # fmt: skip
+    ext = d / f"{name}.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt))  # fmt: skip
+    return key, crt

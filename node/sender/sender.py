@@ -172,7 +172,7 @@ class Sender:
         tls_args = None
         if dest.tls is not None:
             ctx = client_tls_context(dest.tls.cert, dest.tls.key, dest.tls.ca)
-            tls_args = (ctx, "")
+            tls_args = (ctx, dest.host)
         assoc = ae.associate(
             dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls_args
         )

@@ -29,6 +29,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from node.synthetic import ct_series, write_series
 from tests.conftest import free_port, require_tool
+from tests.peers import make_ca, make_leaf
 
 pytestmark = pytest.mark.integration
 
@@ -501,39 +502,17 @@ def test_random_bytes_and_silent_clients_do_not_disturb_service(make_node) -> No
 
 
 # ------------------------------------------------------------------------- TLS
-def _openssl(*args: str) -> None:
-    subprocess.run([require_tool("openssl"), *args], check=True, capture_output=True, timeout=60)
-
-
-def _ca(d: Path, name: str) -> tuple[Path, Path]:
-    key, crt = d / f"{name}.key", d / f"{name}.crt"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-             f"/CN={name}", "-keyout", str(key), "-out", str(crt))  # fmt: skip
-    return key, crt
-
-
-def _leaf(d: Path, name: str, ca_key: Path, ca_crt: Path) -> tuple[Path, Path]:
-    key, csr, crt = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt"
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", str(key), "-out", str(csr))  # fmt: skip
-    ext = d / f"{name}.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
-             "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt))  # fmt: skip
-    return key, crt
-
-
 @pytest.mark.slow
 def test_tls_trusted_client_succeeds_plaintext_and_untrusted_fail(
     make_node, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     d = tmp_path / "pki"
     d.mkdir()
-    ca_key, ca_crt = _ca(d, "ca")
-    srv_key, srv_crt = _leaf(d, "server", ca_key, ca_crt)
-    cli_key, cli_crt = _leaf(d, "client", ca_key, ca_crt)
-    rogue_key, rogue_crt = _ca(d, "rogue")
-    bad_key, bad_crt = _leaf(d, "intruder", rogue_key, rogue_crt)
+    ca_key, ca_crt = make_ca(d, "ca")
+    srv_key, srv_crt = make_leaf(d, "server", ca_key, ca_crt)
+    cli_key, cli_crt = make_leaf(d, "client", ca_key, ca_crt)
+    rogue_key, rogue_crt = make_ca(d, "rogue")
+    bad_key, bad_crt = make_leaf(d, "intruder", rogue_key, rogue_crt)
     node = make_node(
         extra=f'[security]\nacse_timeout_s = 3\n[security.tls]\ncert = "{srv_crt}"\n'
         f'key = "{srv_key}"\nca = "{ca_crt}"\nrequire_client_cert = true',

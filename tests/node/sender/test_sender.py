@@ -345,3 +345,44 @@ def test_without_destinations_results_stay_in_the_outbox_and_stop_is_clean(
         assert s.scalars(select(Job).where(Job.kind == JobKind.SEND)).all() == []
     kept = sorted(p for p in cfg.node.outbox_dir.rglob("*.dcm"))
     assert _uids(kept) == uids
+
+
+@pytest.mark.integration
+def test_tls_destination_receives_and_an_untrusted_pacs_certificate_is_refused(
+    db: Database, tmp_path: Path
+) -> None:
+    """DICOM TLS (PS3.15 Annex B): mutual authentication against dcmtk storescp +tls."""
+    from node.config import TlsConfig
+    from tests.peers import make_ca, make_leaf
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca_key, ca_crt = make_ca(pki, "ca")
+    srv_key, srv_crt = make_leaf(pki, "pacs", ca_key, ca_crt)
+    cli_key, cli_crt = make_leaf(pki, "airnode", ca_key, ca_crt)
+    rogue_key, rogue_crt = make_ca(pki, "rogue")
+    fake_key, fake_crt = make_leaf(pki, "fake-pacs", rogue_key, rogue_crt)
+
+    good, bad = free_port(), free_port()
+    tls = TlsConfig(cert=cli_crt, key=cli_key, ca=ca_crt)
+    base = _cfg(tmp_path, {"good": good, "bad": bad})
+    cfg = base.model_copy(
+        update={"destinations": [d.model_copy(update={"tls": tls}) for d in base.destinations]}
+    )
+    uids = _results(db, cfg, ["good", "bad"])
+    sender = Sender(cfg, db)
+    server_flags = ("+tls", str(srv_key), str(srv_crt), "+cf", str(ca_crt), "-rc")
+    rogue_flags = ("+tls", str(fake_key), str(fake_crt), "+cf", str(ca_crt), "-rc")
+    with (
+        storescp(good, tmp_path / "good", *server_flags, aet="GOOD") as d_good,
+        storescp(bad, tmp_path / "bad", *rogue_flags, aet="BAD") as d_bad,
+    ):
+        while sender.send_batch(cfg.destination("good")):
+            pass
+        sender.send_batch(cfg.destination("bad"))
+        assert _uids(received(d_good)) == uids
+        assert received(d_bad) == []
+    assert {j.status for j in _jobs(db, "good")} == {JobStatus.DONE}
+    refused = _jobs(db, "bad")
+    assert refused and all(j.status != JobStatus.DONE for j in refused)
+    assert all(j.last_error for j in refused)
