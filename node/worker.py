@@ -246,6 +246,7 @@ class Worker:
                 model=model,
                 infer_job_id=job.id,
                 destinations=list(payload.get("destinations", [])),
+                max_attempts=self.cfg.send.max_attempts,
             )
             timings["store"] += time.perf_counter() - t3
             result_uids.extend(r.sop_instance_uid for r in stored)

@@ -44,6 +44,7 @@ def make_cfg(tmp: Path, model_dirs: list[Path] | None = None) -> NodeConfig:
         {
             "node": {"data_dir": str(tmp / "data")},
             "study": {"stable_after_s": 1.0},
+            "send": {"max_attempts": 25},
             "inference": {
                 "backend": "fake",
                 "model_dirs": [str(d) for d in (model_dirs or [fake_packages(tmp / "pkgs")])],
@@ -167,6 +168,7 @@ def test_infer_job_becomes_results_in_the_outbox_with_send_jobs(
         sorted((r.sop_instance_uid, d) for r in rows for d in DESTINATIONS)
     )
     assert all(j.status == JobStatus.QUEUED and j.parent_id == job_id for j in sends)
+    assert {j.max_attempts for j in sends} == {cfg.send.max_attempts}
     db.dispose()
 
 
