@@ -89,5 +89,7 @@ def configure_logging(
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
+    # Alembic announces its plugins and dialect at INFO in every stage at start-up.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # pynetdicom logs whole data sets (patient names included) at DEBUG.
     logging.getLogger("pynetdicom").setLevel(max(logging.INFO, logging.getLevelName(level)))
