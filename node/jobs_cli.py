@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -108,29 +109,27 @@ def show(job_id: int, config: ConfigOpt = None) -> None:
     typer.echo(json.dumps(_as_dict(_get(_db(config), job_id)), indent=2))
 
 
-@app.command("retry")
-def retry_job(job_id: int, config: ConfigOpt = None) -> None:
-    """Put a dead or failed job back in the queue."""
+def _operate(job_id: int, config: Path | None, action: Callable[[Database, int], Job]) -> Job:
+    """Run an operator action on one job; a refused transition is a one-line error."""
     from node.cli import UserError
 
     db = _db(config)
     _get(db, job_id)
     try:
-        job = jobs.retry(db, job_id)
+        return action(db, job_id)
     except jobs.IllegalTransition as exc:
         raise UserError(f"job {job_id}: {exc}") from None
+
+
+@app.command("retry")
+def retry_job(job_id: int, config: ConfigOpt = None) -> None:
+    """Put a dead or failed job back in the queue."""
+    job = _operate(job_id, config, jobs.retry)
     typer.echo(f"job {job.id} queued again")
 
 
 @app.command("cancel")
 def cancel_job(job_id: int, config: ConfigOpt = None) -> None:
     """End a queued or failed job (it becomes dead)."""
-    from node.cli import UserError
-
-    db = _db(config)
-    _get(db, job_id)
-    try:
-        job = jobs.cancel(db, job_id)
-    except jobs.IllegalTransition as exc:
-        raise UserError(f"job {job_id}: {exc}") from None
+    job = _operate(job_id, config, lambda db, jid: jobs.cancel(db, jid))
     typer.echo(f"job {job.id} cancelled")
