@@ -74,12 +74,17 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+HEAT_FLOOR = 0.2
+
+
 def render(grey: _Float, heat: _Float, notice: Sequence[str]) -> _U8:
     """Blend ``heat`` over ``grey``, add the legend bar and burn in ``notice`` lines."""
     rows, cols = grey.shape
     heat = np.clip(_resize(heat.astype(np.float32), rows, cols), 0.0, 1.0)
     base = np.repeat((grey * 255.0)[..., None], 3, axis=-1)
-    alpha = (0.6 * heat)[..., None]
+    # Faint activation stays transparent so the anatomy is not tinted all over; the
+    # overlay fades in from HEAT_FLOOR to 60 % opacity at the peak.
+    alpha = (0.6 * np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0))[..., None]
     out = base * (1.0 - alpha) + jet(heat).astype(np.float32) * alpha
     # Legend: a vertical bar at the right edge, 1 at the top, 0 at the bottom.
     bar_w = max(4, cols // 32)

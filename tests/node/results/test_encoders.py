@@ -205,3 +205,17 @@ def test_no_mask_or_empty_mask_gives_no_seg() -> None:
     series = ct_series(n=3, size=32)
     empty = segmentation(series, lesion_slices=range(0))
     assert encode_seg(empty, series, CFG) is None
+
+
+def test_faint_heat_leaves_the_image_grey_and_strong_heat_colours_it() -> None:
+    from node.results.sc import HEAT_FLOOR, render
+
+    grey = np.full((64, 64), 0.5, dtype=np.float32)
+    heat = np.zeros((64, 64), dtype=np.float32)
+    heat[:, :16] = HEAT_FLOOR * 0.9  # faint
+    heat[:, 32:40] = 1.0  # peak
+    rgb = render(grey, heat, [])
+    faint = rgb[40, 8].astype(int)
+    assert max(faint) - min(faint) <= 2  # still grey
+    hot = rgb[40, 36].astype(int)
+    assert hot[0] - hot[2] > 60  # clearly red
