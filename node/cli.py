@@ -162,8 +162,12 @@ def demo(
 def _register_optional() -> None:
     """Subcommand groups that live in their own modules."""
     from node.jobs_cli import app as jobs_app
+    from node.studies_cli import app as studies_app
 
     app.add_typer(jobs_app, name="jobs", help="List, inspect, retry and cancel jobs.")
+    app.add_typer(
+        studies_app, name="studies", help="List studies; have their routes evaluated again."
+    )
     try:
         from training.cli import register as register_training
     except ImportError:  # training/ not installed (serving-only deployment)
