@@ -41,13 +41,17 @@ from models.preprocess import (
     slice_spacing,
     sort_series,
 )
-from models.result import Code, Finding, InferenceResult, Measurement, Segment
+from models.result import (
+    MM3,
+    MORPHOLOGICALLY_ABNORMAL,
+    VOLUME,
+    Finding,
+    InferenceResult,
+    Measurement,
+    Segment,
+)
 
 __all__ = ["MM3", "VOLUME", "BackendCache", "Predictor"]
-
-VOLUME = Code("118565006", "SCT", "Volume")
-MM3 = Code("mm3", "UCUM", "cubic millimeter")
-_CATEGORY = Code("49755003", "SCT", "Morphologically abnormal structure")
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -265,7 +269,7 @@ class Predictor:
                 Segment(
                     number=k,
                     label=label.name,
-                    category=_CATEGORY,
+                    category=MORPHOLOGICALLY_ABNORMAL,
                     property_type=label.code.to_code(),
                 )
             )

@@ -14,7 +14,17 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Code", "Finding", "InferenceResult", "Measurement", "ModelIdentity", "Segment"]
+__all__ = [
+    "MM3",
+    "MORPHOLOGICALLY_ABNORMAL",
+    "VOLUME",
+    "Code",
+    "Finding",
+    "InferenceResult",
+    "Measurement",
+    "ModelIdentity",
+    "Segment",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,12 @@ class Code:
     def __post_init__(self) -> None:
         if not self.value or not self.scheme or not self.meaning:
             raise ValueError(f"Code needs value, scheme and meaning, got {self!r}")
+
+
+#: Concepts the post-processing itself emits (label codes come from each manifest).
+VOLUME = Code("118565006", "SCT", "Volume")
+MM3 = Code("mm3", "UCUM", "cubic millimeter")
+MORPHOLOGICALLY_ABNORMAL = Code("49755003", "SCT", "Morphologically abnormal structure")
 
 
 @dataclass(frozen=True)

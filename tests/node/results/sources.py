@@ -9,16 +9,24 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from models.result import Code, Finding, InferenceResult, Measurement, ModelIdentity, Segment
+from models.result import (
+    MM3,
+    MORPHOLOGICALLY_ABNORMAL,
+    VOLUME,
+    Code,
+    Finding,
+    InferenceResult,
+    Measurement,
+    ModelIdentity,
+    Segment,
+)
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
 LESION = Code("52988006", "SCT", "Lesion")
 NODULE = Code("27925004", "SCT", "Nodule")
 LUNG = Code("39607008", "SCT", "Lung structure")
-ABNORMAL = Code("49755003", "SCT", "Morphologically abnormal structure")
-VOLUME = Code("118565006", "SCT", "Volume")
-MM3 = Code("mm3", "UCUM", "cubic millimeter")
+ABNORMAL = MORPHOLOGICALLY_ABNORMAL
 
 
 def _meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
