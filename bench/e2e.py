@@ -46,9 +46,9 @@ from sqlalchemy import select
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node.db import Database, Instance, Job, JobKind, JobStatus  # noqa: E402
-from node.demo import demo_studies  # noqa: E402
-from node.synthetic import write_series  # noqa: E402
+from node.ops.demo import demo_studies  # noqa: E402
+from node.ops.synthetic import write_series  # noqa: E402
+from node.store.db import Database, Instance, Job, JobKind, JobStatus  # noqa: E402
 
 PHASES = ("queue", "load", "preprocess", "inference", "postprocess", "encode", "store", "send")
 

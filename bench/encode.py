@@ -20,10 +20,10 @@ from pydicom import Dataset, dcmwrite
 
 from models.result import Code, Finding, InferenceResult, Measurement, ModelIdentity, Segment
 from node.config import NodeConfig
+from node.ops.synthetic import ct_series
 from node.results import encode_all
 from node.results.common import SourceIndex, procedure_reported
 from node.results.seg import build_seg
-from node.synthetic import ct_series
 
 LESION = Code("52988006", "SCT", "Lesion")
 LESION_CODE = hd.sr.CodedConcept("52988006", "SCT", "Lesion")

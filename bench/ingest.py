@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.synthetic import ct_series, write_series  # noqa: E402
+from node.ops.synthetic import ct_series, write_series  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -80,7 +80,7 @@ def airnode(work: Path, processes: int) -> Iterator[tuple[int, str]]:
         "[security]\nmax_associations = 64\nmax_associations_per_host = 64\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "receive", "--config", str(cfg)],
+        [sys.executable, "-m", "node.ops.cli", "receive", "--config", str(cfg)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=(work / "airnode.log").open("wb"),

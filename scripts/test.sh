@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 .venv/bin/ruff check node models training tests bench
 .venv/bin/mypy
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest -n 2 -p no:cacheprovider "$@"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.db import Database, init_db
+from node.store.db import Database, init_db
 
 
 def free_port() -> int:

@@ -215,7 +215,7 @@ def airnode_serve(
     """
     log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
     script = Path(sys.executable).with_name("airnode")
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "node.cli"]
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "node.ops.cli"]
     proc = subprocess.Popen(
         [*cmd, "serve", "--config", str(config)],
         cwd=REPO,

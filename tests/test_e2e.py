@@ -32,9 +32,9 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import MRImageStorage
 from sqlalchemy import select
 
-from node.db import Database, Job, JobKind, JobStatus, Result, Study, StudyState
-from node.demo import demo_studies
-from node.synthetic import ct_series, write_series
+from node.ops.demo import demo_studies
+from node.ops.synthetic import ct_series, write_series
+from node.store.db import Database, Job, JobKind, JobStatus, Result, Study, StudyState
 from tests.conftest import free_port
 from tests.dicom_checks import assert_dciodvfy_clean, dsr2html
 from tests.peers import (

@@ -17,14 +17,16 @@ if TYPE_CHECKING:
     from models.package import ModelPackage
     from training.config import TrainingConfig
 
-__all__ = ["register"]
+__all__ = ["CliError", "register"]
+
+
+class CliError(Exception):
+    """A training command's error that the CLI prints as one line (exit status 2)."""
 
 
 def _fail(message: str) -> NoReturn:
     """End with one line ``airnode: ...`` and exit status 2 (the node CLI's user error)."""
-    from node.cli import UserError
-
-    raise UserError(message)
+    raise CliError(message)
 
 
 def _config(path: Path) -> TrainingConfig:

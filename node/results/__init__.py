@@ -7,10 +7,10 @@ queues one ``send`` job per destination.
 """
 
 from node.results.encode import encode_all
-from node.results.outbox import cleanup, outbox_path, store_results
 from node.results.sc import encode_heatmap_sc
 from node.results.seg import encode_seg
 from node.results.sr import encode_sr
+from node.store.outbox import cleanup, outbox_path, store_results
 
 __all__ = [
     "cleanup",

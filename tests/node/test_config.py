@@ -17,7 +17,7 @@ from node.config import (
     load_config,
     parse_config,
 )
-from node.routing import Router
+from node.schedule.routing import Router
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "airnode.example.toml"
 

@@ -58,7 +58,7 @@ def test_cxr_nodule_served_from_dicom_points_at_the_nodule() -> None:
     import numpy as np
 
     from models.pipeline import Predictor
-    from node.synthetic import dx_image
+    from node.ops.synthetic import dx_image
     from training.metrics import roc_auc
     from training.phantoms import radiograph_phantom
 

@@ -125,7 +125,7 @@ def test_shipped_configs_are_valid() -> None:
 def test_cli_reports_user_errors_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from node.cli import main
+    from node.ops.cli import main
 
     assert main(["train", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err

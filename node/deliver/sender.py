@@ -1,0 +1,332 @@
+"""Delivery of result objects to DICOM destinations (C-STORE SCU), with retries.
+
+Each destination has its own thread that claims only that destination's ``send`` jobs
+(``extra_where`` on the job payload), so a destination that is down, slow or refusing
+never holds up the others: its jobs back off while the rest flow. Due jobs are sent
+in batches, one association per destination batch.
+
+Negotiation (PS3.8 Section 9.3.2.2): each SOP class is proposed with the file's own
+transfer syntax plus Explicit and Implicit VR Little Endian; pynetdicom converts
+between uncompressed syntaxes itself, and a compressed file is decompressed when the
+destination accepts only uncompressed ones.
+
+Outcomes follow :mod:`node.deliver.status`; association-level failures: refused
+connection, abort, timeout and transient rejection retry; a permanent rejection
+(A-ASSOCIATE-RJ result 1) ends the batch's jobs ``dead`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, Association, build_context
+
+from node.config import DestinationConfig, NodeConfig
+from node.deliver.status import Outcome, classify, describe
+from node.dimse import client_tls_context
+from node.logs import uid_tag
+from node.store import jobs
+from node.store.db import AuditEvent, Database, Job, JobKind, JobStatus, now
+from node.store.outbox import cleanup
+
+__all__ = ["CRASH_HOOK_ENV", "Sender"]
+
+log = logging.getLogger(__name__)
+
+#: Test hook: when set, the process exits right after the first successful C-STORE and
+#: before the job is marked done, to prove that a crash there leads to a resend.
+CRASH_HOOK_ENV = "AIRNODE_TEST_CRASH_AFTER_STORE"
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass
+class _Item:
+    job: Job
+    ds: Dataset
+
+
+def _destination_of(name: str) -> Any:
+    return Job.payload["destination"].as_string() == name
+
+
+class Sender:
+    """Sends the due ``send`` jobs of each destination; one instance per process."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        db: Database,
+        *,
+        owner: str | None = None,
+        batch_size: int = 16,
+        poll_s: float = 0.25,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if poll_s <= 0:
+            raise ValueError(f"poll_s must be > 0, got {poll_s}")
+        self.cfg = cfg
+        self.db = db
+        self.owner = owner or jobs.default_owner()
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.outbox = Path(cfg.node.outbox_dir)
+        self.lease_s = cfg.send.lease_s
+        self.policy = jobs.RetryPolicy(
+            max_attempts=cfg.send.max_attempts,
+            base_delay_s=cfg.send.base_delay_s,
+            max_delay_s=max(cfg.send.max_delay_s, cfg.send.base_delay_s),
+        )
+
+    # -- claiming -------------------------------------------------------------------
+
+    def _claim_batch(self, dest: DestinationConfig) -> list[Job]:
+        out: list[Job] = []
+        while len(out) < self.batch_size:
+            job = jobs.claim(
+                self.db,
+                JobKind.SEND,
+                f"{self.owner}/{dest.name}",
+                self.lease_s,
+                extra_where=[_destination_of(dest.name)],
+            )
+            if job is None:
+                break
+            out.append(job)
+        return out
+
+    def _owner(self, dest: DestinationConfig) -> str:
+        return f"{self.owner}/{dest.name}"
+
+    def _fail(self, dest: DestinationConfig, job: Job, reason: str, *, transient: bool) -> None:
+        status = jobs.fail(
+            self.db, job, self._owner(dest), reason, self.policy, transient=transient
+        )
+        uid = str(job.payload.get("sop_instance_uid", ""))
+        level = logging.WARNING if status == JobStatus.DEAD else logging.INFO
+        log.log(level, "send %s to %s: %s → %s", uid_tag(uid), dest.name, reason, status)
+
+    def _done(self, dest: DestinationConfig, job: Job, status: int) -> None:
+        uid = str(job.payload.get("sop_instance_uid", ""))
+        if os.environ.get(CRASH_HOOK_ENV):
+            os._exit(70)  # simulated crash: stored at the peer, job not yet done
+        if not jobs.complete(self.db, job.id, self._owner(dest)):
+            log.warning("send %s to %s: lease lost before completion", uid_tag(uid), dest.name)
+            return
+        with self.db.session() as s:
+            s.add(
+                AuditEvent(
+                    at=now(),
+                    event="sent",
+                    ae_title=dest.ae_title,
+                    peer=f"{dest.host}:{dest.port}",
+                    sop_instance_uid=uid,
+                    detail=f"destination={dest.name} status={describe(status)}",
+                )
+            )
+        log.info("sent %s to %s (%s)", uid_tag(uid), dest.name, describe(status))
+
+    # -- one batch --------------------------------------------------------------------
+
+    def _load(self, dest: DestinationConfig, batch: list[Job]) -> list[_Item]:
+        items: list[_Item] = []
+        for job in batch:
+            rel = str(job.payload.get("path", ""))
+            path = self.outbox / rel
+            try:
+                ds = dcmread(path)
+            except FileNotFoundError:
+                self._fail(dest, job, f"outbox file missing: {rel}", transient=False)
+                continue
+            except Exception as exc:
+                self._fail(dest, job, f"outbox file unreadable: {rel}: {exc}", transient=False)
+                continue
+            items.append(_Item(job, ds))
+        return items
+
+    @contextmanager
+    def _associate(self, dest: DestinationConfig, items: list[_Item]) -> Iterator[Association]:
+        ae = AE(ae_title=dest.calling_ae_title or self.cfg.node.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+        if dest.max_pdu:
+            ae.maximum_pdu_size = dest.max_pdu
+        syntaxes: dict[str, list[str | UID]] = {}
+        for it in items:
+            ts = UID(str(it.ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)))
+            lst = syntaxes.setdefault(str(it.ds.SOPClassUID), [])
+            for s in (ts, *_UNCOMPRESSED):
+                if s not in lst:
+                    lst.append(s)
+        contexts = [build_context(sop, ts) for sop, ts in list(syntaxes.items())[:128]]
+        tls_args = None
+        if dest.tls is not None:
+            ctx = client_tls_context(dest.tls.cert, dest.tls.key, dest.tls.ca)
+            tls_args = (ctx, dest.host)
+        assoc = ae.associate(
+            dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls_args
+        )
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def send_batch(self, dest: DestinationConfig) -> int:
+        """Claim and send one batch of due jobs for ``dest``; returns how many were handled."""
+        batch = self._claim_batch(dest)
+        if not batch:
+            return 0
+        items = self._load(dest, batch)
+        if not items:
+            return len(batch)
+        pending = list(items)
+        try:
+            with self._associate(dest, items) as assoc:
+                if not assoc.is_established:
+                    reason, transient = self._association_failure(dest, assoc)
+                    for it in items:
+                        self._fail(dest, it.job, reason, transient=transient)
+                    return len(batch)
+                while pending:
+                    if not assoc.is_established:
+                        for rest in pending:
+                            self._fail(dest, rest.job, "association aborted", transient=True)
+                        break
+                    self._send_one(dest, assoc, pending.pop(0))
+                    for rest in pending:
+                        jobs.heartbeat(self.db, rest.job.id, self._owner(dest), self.lease_s)
+        except Exception as exc:  # TLS set-up, socket errors: retry what is left
+            log.warning("send to %s: %s: %s", dest.name, type(exc).__name__, exc)
+            for rest in pending:
+                self._fail(dest, rest.job, f"{type(exc).__name__}: {exc}", transient=True)
+        return len(batch)
+
+    def _association_failure(self, dest: DestinationConfig, assoc: Association) -> tuple[str, bool]:
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+        if assoc.is_rejected:
+            rsp = assoc.acceptor.primitive
+            result = getattr(rsp, "result", None)
+            detail = (
+                f"{getattr(rsp, 'result_str', '?')}, source: {getattr(rsp, 'source_str', '?')}, "
+                f"reason: {getattr(rsp, 'reason_str', '?')}"
+            )
+            if result == 0x01:
+                return f"association rejected permanently by {where}: {detail}", False
+            return f"association rejected transiently by {where}: {detail}", True
+        rsp = assoc.acceptor.primitive
+        if rsp is not None and getattr(rsp, "result", None) == 0x00:
+            # Accepted, but none of the proposed SOP class / transfer syntax pairs.
+            return f"{where} accepts none of the proposed presentation contexts", False
+        return f"no association with {where} (unreachable, refused or timed out)", True
+
+    def _send_one(self, dest: DestinationConfig, assoc: Association, it: _Item) -> None:
+        ds, job = it.ds, it.job
+        sop_class = str(ds.SOPClassUID)
+        accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
+        if not accepted:
+            self._fail(
+                dest,
+                job,
+                f"{dest.name} does not accept SOP class {sop_class} (no presentation context)",
+                transient=False,
+            )
+            return
+        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)))
+        accepted_ts = {str(cx.transfer_syntax[0]) for cx in accepted}
+        if ts.is_compressed and str(ts) not in accepted_ts:
+            try:
+                # Same instance, only re-encoded: keep its SOP Instance UID (pydicom
+                # would otherwise generate a new one).
+                ds.decompress(generate_instance_uid=False)
+            except Exception as exc:
+                self._fail(dest, job, f"cannot decompress for {dest.name}: {exc}", transient=False)
+                return
+        try:
+            rsp = assoc.send_c_store(ds)
+        except Exception as exc:  # encoding or network error mid-operation
+            self._fail(dest, job, f"C-STORE failed: {type(exc).__name__}: {exc}", transient=True)
+            return
+        code = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+        outcome = classify(code)
+        if outcome is Outcome.SUCCESS:
+            assert code is not None
+            self._done(dest, job, code)
+            return
+        comment = str(rsp.get("ErrorComment", "")) if rsp is not None else ""
+        reason = f"C-STORE to {dest.name}: {describe(code)}" + (f": {comment}" if comment else "")
+        self._fail(dest, job, reason, transient=outcome is Outcome.TRANSIENT)
+
+    # -- loops ------------------------------------------------------------------------
+
+    def run_destination(self, dest: DestinationConfig, stop: threading.Event) -> None:
+        """Send ``dest``'s due jobs until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                handled = self.send_batch(dest)
+            except Exception:
+                log.exception("sender for %s: unexpected error; retrying", dest.name)
+                handled = 0
+            if handled == 0:
+                stop.wait(self.poll_s)
+
+    def fail_unknown_destinations(self) -> int:
+        """End jobs whose destination is no longer configured (dead, with the reason)."""
+        names = [d.name for d in self.cfg.destinations]
+        n = 0
+        while True:
+            job = jobs.claim(
+                self.db,
+                JobKind.SEND,
+                self.owner,
+                self.lease_s,
+                extra_where=[Job.payload["destination"].as_string().not_in(names)],
+            )
+            if job is None:
+                return n
+            reason = f"unknown destination {job.payload.get('destination')!r} (not in config)"
+            jobs.fail(self.db, job, self.owner, reason, self.policy, transient=False)
+            n += 1
+
+    def housekeeping(self) -> None:
+        """Return expired leases, end jobs for unknown destinations, prune the outbox."""
+        jobs.reap_expired(self.db, self.policy)
+        self.fail_unknown_destinations()
+        removed = cleanup(self.db, self.outbox)
+        if removed:
+            log.info("outbox: removed %d delivered object(s)", removed)
+
+    def run(self, stop: threading.Event, *, housekeeping_s: float = 5.0) -> None:
+        """One thread per destination, housekeeping here, until ``stop`` is set."""
+        threads = [
+            threading.Thread(
+                target=self.run_destination, args=(d, stop), name=f"send-{d.name}", daemon=True
+            )
+            for d in self.cfg.destinations
+        ]
+        for t in threads:
+            t.start()
+        try:
+            while not stop.is_set():
+                try:
+                    self.housekeeping()
+                except Exception:
+                    log.exception("sender housekeeping failed; retrying")
+                stop.wait(housekeeping_s)
+        finally:
+            stop.set()
+            deadline = time.monotonic() + max(
+                (d.timeout_s for d in self.cfg.destinations), default=0.0
+            )
+            for t in threads:
+                t.join(timeout=max(0.1, deadline - time.monotonic()))

@@ -1,0 +1,215 @@
+"""The ``airnode`` command line.
+
+Each subcommand is thin: it loads and validates the configuration once, then hands it
+to the stage's own ``run`` function, imported lazily so that ``airnode echo`` never
+pays for onnxruntime or torch.  Errors a user can meet end in one line on stderr and
+exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node.config import ConfigError, NodeConfig, load_config
+from node.errors import UserError
+
+app = typer.Typer(
+    name="airnode",
+    help="PACS-integrated DICOM AI node.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file (default: embedded defaults)."),
+]
+
+
+def _config(path: Path | None) -> NodeConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"airnode {version('airnode')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """PACS-integrated DICOM AI node."""
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Start every stage (receiver, scheduler, workers, sender, HTTP) under a supervisor."""
+    from node.ops.supervisor import run
+
+    run(_config(config))
+
+
+@app.command()
+def receive(config: ConfigOpt = None) -> None:
+    """Start only the DICOM receiver (C-ECHO, C-STORE)."""
+    from node.receive import run
+
+    run(_config(config))
+
+
+@app.command()
+def schedule(config: ConfigOpt = None) -> None:
+    """Start only the scheduler (study completion, routing, infer jobs, lease reaper)."""
+    from node.schedule.scheduler import run
+
+    run(_config(config))
+
+
+@app.command()
+def work(config: ConfigOpt = None) -> None:
+    """Start one inference worker (one per GPU)."""
+    from node.work.worker import run
+
+    run(_config(config))
+
+
+@app.command()
+def send(config: ConfigOpt = None) -> None:
+    """Start only the sender (delivers results to the destinations)."""
+    from node.deliver import run
+
+    run(_config(config))
+
+
+@app.command()
+def echo(
+    host: str,
+    port: int,
+    ae_title: Annotated[str, typer.Option("--aet", help="Called AE title.")] = "ANY-SCP",
+    calling: Annotated[str, typer.Option("--calling-aet", help="Our AE title.")] = "AIRNODE",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+) -> None:
+    """Send a C-ECHO (DICOM ping) to HOST PORT and report the status."""
+    from node.dimse import echo as do_echo
+
+    status = do_echo(host, port, ae_title=ae_title, calling_ae_title=calling, timeout=timeout)
+    if status != 0:
+        raise UserError(f"C-ECHO to {ae_title}@{host}:{port} failed: {status:#06x}")
+    typer.echo(f"C-ECHO to {ae_title}@{host}:{port}: success")
+
+
+@app.command()
+def demo(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Node host (default: [node] host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Node port (default: [node] port).")] = None,
+    ae_title: Annotated[
+        str | None, typer.Option("--aet", help="Called AE title (default: [node] ae_title).")
+    ] = None,
+    calling: Annotated[str, typer.Option("--calling-aet", help="Our AE title.")] = "DEMO-SCU",
+    dx: Annotated[int, typer.Option("--dx", help="Number of DX studies (one image each).")] = 1,
+    ct: Annotated[int, typer.Option("--ct", help="Number of CT studies (one series each).")] = 1,
+    slices: Annotated[int, typer.Option(help="Slices per CT series.")] = 64,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for images and UIDs (default: a new one).")
+    ] = None,
+    with_nodule: Annotated[
+        bool, typer.Option("--with-nodule/--without", help="Draw a nodule / lesion or not.")
+    ] = True,
+) -> None:
+    """Send synthetic DX and CT studies to a running node (C-STORE), like a scanner."""
+    from node.ops.demo import DemoError, run_demo
+
+    cfg = _config(config)
+    try:
+        report = run_demo(
+            cfg,
+            host=host,
+            port=port,
+            ae_title=ae_title,
+            calling_ae_title=calling,
+            dx=dx,
+            ct=ct,
+            slices=slices,
+            seed=seed,
+            with_nodule=with_nodule,
+        )
+    except DemoError as exc:
+        raise UserError(str(exc)) from None
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise UserError(f"{report.instances - report.stored} instance(s) were not stored")
+
+
+def _register_optional() -> None:
+    """Subcommand groups that live in their own modules."""
+    from node.ops.jobs_cli import app as jobs_app
+    from node.ops.studies_cli import app as studies_app
+
+    app.add_typer(jobs_app, name="jobs", help="List, inspect, retry and cancel jobs.")
+    app.add_typer(
+        studies_app, name="studies", help="List studies; have their routes evaluated again."
+    )
+    try:
+        from training.cli import register as register_training
+    except ImportError:  # training/ not installed (serving-only deployment)
+        return
+    register_training(app)
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """The node's :class:`UserError`, or the training commands' own one-line error."""
+    if isinstance(exc, UserError):
+        return True
+    try:
+        from training.cli import CliError
+    except ImportError:
+        return False
+    return isinstance(exc, CliError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    _register_optional()
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as exc:
+        if _is_user_error(exc):
+            typer.echo(f"airnode: {exc}", err=True)
+            return 2
+        # Usage errors (unknown command, bad option) come from the click that typer
+        # vendors; they know how to print themselves and which exit code they mean.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            return code
+        raise
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this __main__ copy, so that the commands registered
+    # by subcommand modules are those of the app that main() runs.
+    from node.ops.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,413 @@
+"""The scheduler: decides when a study is complete and queues its inference jobs.
+
+DICOM has no "end of study" message (a C-STORE association may close after any
+instance, PS3.7 Section 9.1.1), so a study counts as complete when no instance arrived for
+``study.stable_after_s``, like Orthanc's StableAge; a study that keeps trickling in
+is taken anyway ``study.force_after_s`` after its first instance.
+
+For a complete study the scheduler reads one header per series, evaluates the routing
+rules (:mod:`node.schedule.routing`) and creates one ``infer`` job per (study, model name,
+model version).  The job's idempotency key also holds a digest of its input (the
+sorted SOP Instance UIDs of the series the model's rules matched), so:
+
+* ticking again, or a restarted scheduler, never creates a second job;
+* a series that arrives after the study was scheduled starts a new run of only the
+  models whose input changed; the others keep their existing job.
+
+A study no rule matches becomes ``unrouted``, with no job.  The scheduler also runs
+the lease reaper (:func:`node.store.jobs.reap_expired`) every few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import tomllib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from sqlalchemy import and_, func, or_, select
+
+from node.config import NodeConfig
+from node.errors import UserError
+from node.logs import configure_logging, uid_tag
+from node.schedule.routing import RouteMatch, Router, RoutingError, read_header
+from node.store import jobs
+from node.store.db import Database, Instance, JobKind, Study, StudyState, init_db
+
+__all__ = [
+    "ModelVersionError",
+    "TickReport",
+    "infer_key",
+    "model_versions",
+    "run",
+    "tick",
+]
+
+log = logging.getLogger(__name__)
+
+#: How many files of a series are tried before routing it on the table's columns only.
+_HEADER_TRIES = 3
+_NOTE_MAX = 2000
+
+
+class ModelVersionError(LookupError):
+    """A route names a model that no package in ``inference.model_dirs`` provides."""
+
+
+@dataclass
+class TickReport:
+    """What one scheduling pass did (for logs, metrics and tests)."""
+
+    due: int = 0
+    scheduled: list[str] = field(default_factory=list)
+    unrouted: list[str] = field(default_factory=list)
+    jobs_created: list[int] = field(default_factory=list)
+    jobs_existing: list[int] = field(default_factory=list)
+    skipped_changed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    reaped: int = 0
+
+
+def _manifest_identity(path: Path) -> tuple[str, str] | None:
+    """``(name, version)`` from a package's ``manifest.toml``, ``None`` if unusable."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        log.error("model manifest %s unreadable: %s", path, exc)
+        return None
+    model = data.get("model")
+    table: dict[str, object] = model if isinstance(model, dict) else data
+    name, version = table.get("name"), table.get("version")
+    if not isinstance(name, str) or not name or version is None or str(version) == "":
+        log.error("model manifest %s lacks [model] name or version", path)
+        return None
+    return name, str(version)
+
+
+def model_versions(model_dirs: Sequence[Path]) -> dict[str, str]:
+    """Model name → version of the packages under ``model_dirs``.
+
+    A package is a folder holding ``manifest.toml`` (a ``[model]`` table with ``name``
+    and ``version``); a model dir may itself be one package.  When two packages share
+    a name, the one in the earlier model dir wins (like ``PATH``), which is also the
+    package the worker loads.
+    """
+    found: dict[str, str] = {}
+    for base in model_dirs:
+        candidates = [base / "manifest.toml"]
+        if base.is_dir():
+            candidates += sorted(p / "manifest.toml" for p in base.iterdir() if p.is_dir())
+        for manifest in candidates:
+            if not manifest.is_file():
+                continue
+            ident = _manifest_identity(manifest)
+            if ident is not None and ident[0] not in found:
+                found[ident[0]] = ident[1]
+    return found
+
+
+def infer_key(study_uid: str, model: str, version: str, sop_uids: Iterable[str]) -> str:
+    """Idempotency key of an ``infer`` job: study + model + version + input digest."""
+    digest = jobs.key_digest(*sorted(sop_uids))
+    key = f"infer:{study_uid}:{model}@{version}:{digest}"
+    if len(key) > 255:  # the column's size; long model names are hashed in
+        key = f"infer:{study_uid}:{jobs.key_digest(model, version, digest)}"
+    return key
+
+
+@dataclass
+class _Series:
+    uid: str
+    rows: list[Instance]
+
+
+def _due_studies(db: Database, t: float, stable_s: float, force_s: float) -> list[Study]:
+    """Studies whose current burst of instances is quiet or past the ceiling.
+
+    Candidates are ``receiving`` studies, and ``scheduled``/``unrouted`` ones that
+    received instances after they were scheduled (a late series, whether or not the
+    receiver put the study back to ``receiving``).  The force ceiling counts from the
+    first instance of the current burst: for a study scheduled before, the first
+    instance that arrived after that, not the study's very first one.
+    """
+    with db.read() as s:
+        candidates = s.scalars(
+            select(Study).where(
+                or_(
+                    and_(
+                        Study.state == StudyState.RECEIVING,
+                        or_(
+                            Study.last_received_at <= t - stable_s,
+                            Study.first_received_at <= t - force_s,
+                        ),
+                    ),
+                    and_(
+                        Study.state.in_((StudyState.SCHEDULED, StudyState.UNROUTED)),
+                        Study.scheduled_at.is_not(None),
+                        Study.last_received_at > Study.scheduled_at,
+                    ),
+                )
+            )
+        ).all()
+        due: list[Study] = []
+        for st in candidates:
+            if st.last_received_at <= t - stable_s:
+                due.append(st)
+                continue
+            burst_start = st.first_received_at
+            if st.scheduled_at is not None:
+                burst_start = s.scalar(
+                    select(func.min(Instance.received_at)).where(
+                        Instance.study_instance_uid == st.study_instance_uid,
+                        Instance.received_at > st.scheduled_at,
+                    )
+                ) or max(st.scheduled_at, st.first_received_at)
+            if burst_start <= t - force_s:
+                due.append(st)
+    return due
+
+
+def _series_of(db: Database, study_uid: str) -> list[_Series]:
+    with db.read() as s:
+        rows = s.scalars(
+            select(Instance)
+            .where(Instance.study_instance_uid == study_uid)
+            .order_by(Instance.series_instance_uid, Instance.received_at, Instance.id)
+        ).all()
+    by_series: dict[str, list[Instance]] = defaultdict(list)
+    for row in rows:
+        by_series[row.series_instance_uid].append(row)
+    return [_Series(uid, insts) for uid, insts in by_series.items()]
+
+
+def _route_series(router: Router, spool: Path, series: _Series) -> list[RouteMatch]:
+    first = series.rows[0]
+    defaults = {"Modality": first.modality, "SOPClassUID": first.sop_class_uid}
+    ds = None
+    for row in series.rows[:_HEADER_TRIES]:
+        try:
+            ds = read_header(spool / row.path)
+            break
+        except Exception as exc:  # unreadable file: try another one of the series
+            log.warning(
+                "series %s: header of %s unreadable (%s)",
+                uid_tag(series.uid),
+                uid_tag(row.sop_instance_uid),
+                type(exc).__name__,
+            )
+    attrs = router.attributes(ds, calling_ae=first.calling_ae, defaults=defaults)
+    return router.evaluate(attrs)
+
+
+def _finish_study(
+    db: Database,
+    study: Study,
+    state: StudyState,
+    note: Callable[[list[tuple[int, bool]]], str],
+    t: float,
+    forced: bool,
+    new_jobs: Sequence[tuple[str, dict[str, object]]] = (),
+) -> tuple[bool, list[tuple[int, bool]]]:
+    """Record the outcome and queue the jobs in one transaction.
+
+    If an instance arrived since the study was read, a quiet study is left alone (it
+    is not quiet any more; it comes back later with the new instance in its input).
+    A forced study is finished anyway, with ``scheduled_at`` set to the newest
+    instance the pass saw, so the newer ones count as a late arrival and are taken
+    on a later pass: a study that never stops trickling still gets its jobs.
+    """
+    with db.session() as s:
+        current = s.get(Study, study.id, with_for_update=True)
+        if current is None:
+            return False, []
+        unchanged = (
+            current.last_received_at == study.last_received_at
+            and current.instance_count == study.instance_count
+        )
+        if not unchanged and not forced:
+            return False, []
+        queued = [
+            jobs.enqueue_in(
+                s, JobKind.INFER, key, dict(payload), study_instance_uid=study.study_instance_uid
+            )
+            for key, payload in new_jobs
+        ]
+        current.state = state
+        current.scheduled_at = t if unchanged else study.last_received_at
+        current.note = note(queued)[:_NOTE_MAX]
+        return True, queued
+
+
+def _schedule_study(
+    db: Database,
+    cfg: NodeConfig,
+    router: Router,
+    versions: dict[str, str] | None,
+    study: Study,
+    t: float,
+    report: TickReport,
+) -> dict[str, str] | None:
+    uid = study.study_instance_uid
+    forced = study.last_received_at > t - cfg.study.stable_after_s
+    series = _series_of(db, uid)
+    # model → series UIDs, SOP UIDs, destinations, route names
+    wanted: dict[str, tuple[set[str], set[str], dict[str, None], dict[str, None]]] = {}
+    for ser in series:
+        for m in _route_series(router, cfg.node.spool_dir, ser):
+            ser_uids, sops, dests, routes = wanted.setdefault(m.model, (set(), set(), {}, {}))
+            ser_uids.add(ser.uid)
+            sops.update(r.sop_instance_uid for r in ser.rows)
+            dests.update(dict.fromkeys(m.destinations))
+            routes[m.route] = None
+    if not wanted:
+        note = f"no route matched its {len(series)} series" if series else "no instances"
+        done, _ = _finish_study(db, study, StudyState.UNROUTED, lambda _: note, t, forced)
+        if done:
+            report.unrouted.append(uid)
+            log.info("study %s unrouted: %s", uid_tag(uid), note)
+        else:
+            report.skipped_changed.append(uid)
+        return versions
+
+    if versions is None:
+        versions = model_versions(cfg.inference.model_dirs)
+    notes: list[str] = []
+    new_jobs: list[tuple[str, dict[str, object]]] = []
+    labels: list[str] = []
+    for model, (ser_uids, sops, dests, routes) in wanted.items():
+        version = versions.get(model)
+        if version is None:
+            msg = (
+                f"route {', '.join(routes)}: unknown model {model!r} "
+                f"(no package in {', '.join(str(d) for d in cfg.inference.model_dirs)})"
+            )
+            log.error("study %s: %s", uid_tag(uid), msg)
+            report.errors.append(msg)
+            notes.append(msg)
+            continue
+        # Configuration order, not series order, so the payload is deterministic.
+        fired = [r.name for r in router.routes if r.name in routes]
+        dests = dict.fromkeys(d for r in router.routes if r.name in routes for d in r.send_to)
+        payload: dict[str, object] = {
+            "model": model,
+            "model_version": version,
+            "study_instance_uid": uid,
+            "series_instance_uids": sorted(ser_uids),
+            "sop_instance_uids": sorted(sops),
+            "destinations": list(dests),
+            "route": fired[0],
+            "routes": fired,
+        }
+        new_jobs.append((infer_key(uid, model, version, sops), payload))
+        labels.append(f"{model}@{version} ({len(ser_uids)} series, {len(sops)} instances)")
+    if not new_jobs:
+        # Every matching model is unknown: nothing can run; the note says why.
+        done, _ = _finish_study(
+            db, study, StudyState.UNROUTED, lambda _: "; ".join(notes), t, forced
+        )
+        (report.unrouted if done else report.skipped_changed).append(uid)
+        return versions
+
+    def note_for(queued: list[tuple[int, bool]]) -> str:
+        parts = [
+            f"{label}: job {job_id}{'' if created else ' (input unchanged)'}"
+            for label, (job_id, created) in zip(labels, queued, strict=True)
+        ]
+        return "; ".join(parts + notes)
+
+    done, queued = _finish_study(db, study, StudyState.SCHEDULED, note_for, t, forced, new_jobs)
+    if not done:
+        report.skipped_changed.append(uid)
+        return versions
+    report.scheduled.append(uid)
+    for label, (job_id, created) in zip(labels, queued, strict=True):
+        (report.jobs_created if created else report.jobs_existing).append(job_id)
+        if created:
+            log.info("study %s: queued job %s, %s", uid_tag(uid), job_id, label)
+    return versions
+
+
+def tick(
+    db: Database,
+    cfg: NodeConfig,
+    now: float | None = None,
+    *,
+    router: Router | None = None,
+) -> TickReport:
+    """One scheduling pass over the studies that are due at ``now``.
+
+    Safe to run from several processes at once and to repeat: jobs are created
+    through their idempotency key and a study's state is only written if no
+    instance arrived since it was read (else it is taken again on a later pass).
+    """
+    t = time.time() if now is None else now
+    router = router or Router(cfg.routes)
+    report = TickReport()
+    due = _due_studies(db, t, cfg.study.stable_after_s, cfg.study.force_after_s)
+    report.due = len(due)
+    versions: dict[str, str] | None = None  # read lazily, once per pass
+    for study in due:
+        try:
+            versions = _schedule_study(db, cfg, router, versions, study, t, report)
+        except Exception as exc:  # one broken study must not stop the others
+            msg = f"study {uid_tag(study.study_instance_uid)}: {type(exc).__name__}: {exc}"
+            log.exception("scheduling failed: %s", msg)
+            report.errors.append(msg)
+    return report
+
+
+def run(cfg: NodeConfig, *, poll_s: float = 0.5, reap_every_s: float = 5.0) -> None:
+    """Entry point of ``airnode schedule``: tick until SIGTERM or Ctrl-C."""
+    configure_logging(
+        cfg.node.log_level,
+        json_lines=cfg.node.log_json,
+        show_phi=cfg.node.log_phi,
+        stage="scheduler",
+    )
+    try:  # a bad rule stops here, before any study is touched
+        router = Router(cfg.routes)
+    except RoutingError as exc:
+        raise UserError(f"config error: {exc}") from None
+    db = init_db(cfg.node.resolved_database_url)
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: stopping", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    known = model_versions(cfg.inference.model_dirs)
+    for model in router.models():
+        if model not in known:
+            log.error("a route names model %r, which no package in model_dirs provides", model)
+    policy = jobs.RetryPolicy()
+    log.info(
+        "scheduler: %d route(s), stable after %.0f s, forced after %.0f s",
+        len(router.routes),
+        cfg.study.stable_after_s,
+        cfg.study.force_after_s,
+    )
+    next_reap = 0.0
+    try:
+        while not stopping.is_set():
+            try:
+                if time.monotonic() >= next_reap:
+                    reaped = jobs.reap_expired(db, policy)
+                    if reaped:
+                        log.warning("reaper: %d job(s) with an expired lease requeued", reaped)
+                    next_reap = time.monotonic() + reap_every_s
+                report = tick(db, cfg, router=router)
+                if report.errors:
+                    log.error("tick: %d error(s)", len(report.errors))
+            except Exception:  # database briefly unavailable: log, wait, go on
+                log.exception("scheduler pass failed")
+            stopping.wait(poll_s)
+    finally:
+        db.dispose()

@@ -1,0 +1,377 @@
+"""Job queue operations on the job table: enqueue, claim, heartbeat, finish, reap.
+
+A job is claimed in one atomic statement::
+
+    UPDATE jobs SET status='running', lease_owner=…, lease_expires_at=…, attempts=attempts+1
+    WHERE id = (SELECT id FROM jobs WHERE kind=… AND status IN ('queued','failed')
+                AND not_before <= now ORDER BY not_before, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING …
+
+On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets many workers claim side by side.  On
+SQLite that clause compiles to nothing, which is safe only because every write
+transaction starts with ``BEGIN IMMEDIATE`` (see :mod:`node.store.db`): the whole statement
+runs under the database's single write lock.
+
+Retries come from a :class:`RetryPolicy` and only for transient errors
+(:class:`TransientJobError`); anything else ends the job ``dead`` with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from node.store.db import TRANSITIONS, Database, Job, JobKind, JobStatus, now
+
+__all__ = [
+    "JobError",
+    "PermanentJobError",
+    "RetryPolicy",
+    "TransientJobError",
+    "cancel",
+    "claim",
+    "complete",
+    "default_owner",
+    "enqueue",
+    "enqueue_in",
+    "fail",
+    "heartbeat",
+    "reap_expired",
+    "retry",
+]
+
+CLAIMABLE = (JobStatus.QUEUED, JobStatus.FAILED)
+
+
+class JobError(Exception):
+    """Base class of errors a job handler raises to say how its job ended."""
+
+
+class TransientJobError(JobError):
+    """Worth trying again later: association refused/aborted, timeout, 0xA7xx."""
+
+
+class PermanentJobError(JobError):
+    """Trying again cannot help: 0xA9xx, 0xCxxx, permanent rejection, bad input, model error."""
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential back-off with full jitter, for transient errors only."""
+
+    max_attempts: int = 10
+    base_delay_s: float = 2.0
+    max_delay_s: float = 300.0
+    jitter: float = 0.5  # share of the delay that is randomised
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.base_delay_s <= 0 or self.max_delay_s < self.base_delay_s:
+            raise ValueError("need 0 < base_delay_s <= max_delay_s")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("jitter must be within [0, 1]")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        raw = min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1)))
+        r = (rng or random).random()
+        return raw * (1.0 - self.jitter) + raw * self.jitter * r
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def key_digest(*parts: str) -> str:
+    """A short stable digest for idempotency keys built from many UIDs."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def _check(old: JobStatus, new: JobStatus) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"job cannot go from {old} to {new}")
+
+
+def enqueue(
+    db: Database,
+    kind: JobKind,
+    key: str,
+    payload: dict[str, Any],
+    *,
+    study_instance_uid: str | None = None,
+    max_attempts: int = 10,
+    not_before: float = 0.0,
+    parent_id: int | None = None,
+) -> tuple[int, bool]:
+    """Insert a job unless one with ``key`` exists. Returns ``(job id, created)``."""
+    with db.session() as s:
+        return enqueue_in(
+            s,
+            kind,
+            key,
+            payload,
+            study_instance_uid=study_instance_uid,
+            max_attempts=max_attempts,
+            not_before=not_before,
+            parent_id=parent_id,
+        )
+
+
+def enqueue_in(
+    s: Session,
+    kind: JobKind,
+    key: str,
+    payload: dict[str, Any],
+    *,
+    study_instance_uid: str | None = None,
+    max_attempts: int = 10,
+    not_before: float = 0.0,
+    parent_id: int | None = None,
+) -> tuple[int, bool]:
+    """:func:`enqueue` inside the caller's write transaction ``s``.
+
+    For callers whose job must exist if and only if their own rows change in the same
+    transaction (the scheduler marks a study scheduled and queues its jobs at once).
+    A racing insert of the same key (PostgreSQL) is absorbed by a savepoint.
+    """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    existing = s.scalar(select(Job.id).where(Job.idempotency_key == key))
+    if existing is not None:
+        return existing, False
+    t = now()
+    job = Job(
+        kind=kind,
+        status=JobStatus.QUEUED,
+        idempotency_key=key,
+        study_instance_uid=study_instance_uid,
+        payload=payload,
+        attempts=0,
+        max_attempts=max_attempts,
+        not_before=not_before,
+        created_at=t,
+        updated_at=t,
+        parent_id=parent_id,
+    )
+    try:
+        with s.begin_nested():
+            s.add(job)
+    except IntegrityError:  # a racing process inserted it first
+        jid = s.scalar(select(Job.id).where(Job.idempotency_key == key))
+        if jid is None:
+            raise
+        return jid, False
+    return job.id, True
+
+
+def claim(
+    db: Database,
+    kind: JobKind,
+    owner: str,
+    lease_s: float = 120.0,
+    *,
+    extra_where: Sequence[Any] = (),
+) -> Job | None:
+    """Atomically take the next due job of ``kind``; ``None`` when there is none."""
+    t = now()
+    pick = (
+        select(Job.id)
+        .where(Job.kind == kind, Job.status.in_(CLAIMABLE), Job.not_before <= t, *extra_where)
+        .order_by(Job.not_before, Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(Job)
+        .where(Job.id == pick)
+        .values(
+            status=JobStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_at=t + lease_s,
+            attempts=Job.attempts + 1,
+            updated_at=t,
+        )
+        .returning(Job)
+        .execution_options(synchronize_session=False)
+    )
+    with db.session() as s:
+        return s.scalars(stmt).first()
+
+
+def heartbeat(db: Database, job_id: int, owner: str, lease_s: float = 120.0) -> bool:
+    """Extend a running job's lease; ``False`` if the job is no longer ours."""
+    t = now()
+    with db.session() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+            .values(lease_expires_at=t + lease_s, updated_at=t)
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def _finish(
+    db: Database,
+    job_id: int,
+    owner: str | None,
+    new: JobStatus,
+    *,
+    error: str | None = None,
+    not_before: float | None = None,
+    payload: dict[str, Any] | None = None,
+) -> bool:
+    t = now()
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        if owner is not None and (job.status != JobStatus.RUNNING or job.lease_owner != owner):
+            return False  # the lease was lost (reaped); someone else owns the job now
+        _check(job.status, new)
+        job.status = new
+        job.updated_at = t
+        job.lease_owner = None
+        job.lease_expires_at = None
+        if error is not None:
+            job.last_error = error[:4000]
+        if not_before is not None:
+            job.not_before = not_before
+        if payload is not None:
+            job.payload = payload
+        if new in (JobStatus.DONE, JobStatus.DEAD):
+            job.finished_at = t
+        return True
+
+
+def complete(db: Database, job_id: int, owner: str, payload: dict[str, Any] | None = None) -> bool:
+    """Mark a running job done. ``False`` if its lease had been lost."""
+    return _finish(db, job_id, owner, JobStatus.DONE, payload=payload)
+
+
+def fail(
+    db: Database,
+    job: Job,
+    owner: str,
+    error: BaseException | str,
+    policy: RetryPolicy,
+    *,
+    transient: bool | None = None,
+) -> JobStatus | None:
+    """Record a failed attempt: back off and retry if transient, else ``dead``.
+
+    ``transient`` defaults to whether ``error`` is a :class:`TransientJobError`.
+    Returns the new status, or ``None`` if the lease had been lost.
+    """
+    if transient is None:
+        transient = isinstance(error, TransientJobError)
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    attempts_left = job.attempts < min(job.max_attempts, policy.max_attempts)
+    if transient and attempts_left:
+        nb = now() + policy.delay(job.attempts)
+        ok = _finish(db, job.id, owner, JobStatus.FAILED, error=reason, not_before=nb)
+        return JobStatus.FAILED if ok else None
+    if transient:
+        reason = f"gave up after {job.attempts} attempts: {reason}"
+    ok = _finish(db, job.id, owner, JobStatus.DEAD, error=reason)
+    return JobStatus.DEAD if ok else None
+
+
+def reap_expired(db: Database, policy: RetryPolicy | None = None) -> int:
+    """Return running jobs whose lease expired (their worker died) to the queue.
+
+    A job that keeps killing its worker ends ``dead`` once its attempts are used up.
+    """
+    policy = policy or RetryPolicy()
+    t = now()
+    n = 0
+    with db.session() as s:
+        expired = s.scalars(
+            select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < t)
+        ).all()
+        for job in expired:
+            msg = f"lease of {job.lease_owner} expired (worker stopped?)"
+            if job.attempts >= min(job.max_attempts, policy.max_attempts):
+                job.status = JobStatus.DEAD
+                job.finished_at = t
+                msg = f"gave up after {job.attempts} attempts: {msg}"
+            else:
+                job.status = JobStatus.FAILED
+                job.not_before = t
+            job.last_error = msg
+            job.lease_owner = None
+            job.lease_expires_at = None
+            job.updated_at = t
+            n += 1
+    return n
+
+
+def retry(db: Database, job_id: int) -> Job:
+    """Operator action: put a dead, failed or done job back in the queue now.
+
+    A running job is refused: its worker may still be alive.
+    """
+    t = now()
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        if job.status == JobStatus.RUNNING:
+            # Requeueing under a live lease would run the job twice; the reaper
+            # requeues it if its worker is really gone.
+            raise IllegalTransition(
+                f"job cannot go from {job.status} to {JobStatus.QUEUED}: "
+                f"{job.lease_owner} holds its lease; wait for it to end or expire"
+            )
+        _check(job.status, JobStatus.QUEUED)
+        job.status = JobStatus.QUEUED
+        job.not_before = t
+        job.attempts = 0
+        job.finished_at = None
+        job.updated_at = t
+        return job
+
+
+def cancel(db: Database, job_id: int, reason: str = "cancelled by operator") -> Job:
+    """Operator action: end a queued or failed job (``dead``); running ones cannot be."""
+    t = now()
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        if job.status == JobStatus.RUNNING:  # its worker would go on regardless
+            raise IllegalTransition(
+                f"job cannot go from {job.status} to {JobStatus.DEAD}: "
+                f"{job.lease_owner} is running it; wait for it to end"
+            )
+        _check(job.status, JobStatus.DEAD)
+        job.status = JobStatus.DEAD
+        job.last_error = reason
+        job.finished_at = t
+        job.updated_at = t
+        return job
+
+
+def counts(db: Database) -> dict[tuple[str, str], int]:
+    """Number of jobs per (kind, status), for metrics and the status page."""
+    with db.read() as s:
+        rows = s.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))
+        return {(str(k), str(st)): int(c) for k, st, c in rows}
