@@ -249,7 +249,13 @@ def airnode_serve(
 
 
 def _manifest(
-    name: str, task: str, arch: str, size: int, window: tuple[float, float], **extra: Any
+    name: str,
+    task: str,
+    arch: str,
+    size: int,
+    window: tuple[float, float],
+    version: str = "0.0.1",
+    **extra: Any,
 ) -> dict[str, Any]:
     cls = task == "classification"
     label: dict[str, Any] = {
@@ -264,7 +270,7 @@ def _manifest(
     return {
         "model": {
             "name": name,
-            "version": "0.0.1",
+            "version": version,
             "device_uid": "2.25.1234567890" + ("1" if cls else "2"),
             "task": task,
             "arch": arch,
@@ -281,7 +287,7 @@ def _manifest(
     }
 
 
-def fake_packages(root: Path, size: int = 64) -> Path:
+def fake_packages(root: Path, size: int = 64, version: str = "0.0.1") -> Path:
     """Manifest-only ``cxr-nodule`` and ``ct-lesion`` packages for the ``fake`` backend."""
     from models.package import write_manifest
 
@@ -290,7 +296,7 @@ def fake_packages(root: Path, size: int = 64) -> Path:
         ("ct-lesion", "segmentation", "unet2d", (40.0, 400.0)),
     ):
         pkg = root / name
-        write_manifest(pkg, _manifest(name, task, arch, size, window))
+        write_manifest(pkg, _manifest(name, task, arch, size, window, version))
         (pkg / "model.onnx").write_bytes(b"not read by the fake backend")
     return root
 

@@ -120,45 +120,49 @@ class Worker:
         # scheduler returns the job to the queue once a dead worker's lease runs out.
         self.lease_s = lease_s
         self.policy = policy or jobs.RetryPolicy(max_attempts=3, base_delay_s=5.0, max_delay_s=60.0)
-        self._packages: dict[str, ModelPackage] | None = None
-        self._predictors: dict[str, Predictor] = {}
+        self._packages: dict[str, dict[str, ModelPackage]] | None = None
+        self._predictors: dict[tuple[str, str], Predictor] = {}
         self.stopping = threading.Event()
 
     # -- model packages and backends, loaded once per process -------------------------
     @property
-    def packages(self) -> dict[str, ModelPackage]:
+    def packages(self) -> dict[str, dict[str, ModelPackage]]:
+        """Model name → version → package, read the same way the scheduler reads them."""
         if self._packages is None:
-            from models.package import find_packages
+            from models.package import discover_packages
 
-            self._packages = find_packages(self.cfg.inference.model_dirs)
-            log.info("model packages: %s", ", ".join(sorted(self._packages)) or "none")
+            self._packages = discover_packages(self.cfg.inference.model_dirs)
+            log.info(
+                "model packages: %s",
+                ", ".join(f"{n} {v}" for n in sorted(self._packages) for v in self._packages[n])
+                or "none",
+            )
         return self._packages
 
     def predictor(self, name: str, version: str) -> Predictor:
-        """The loaded predictor for ``name`` at ``version``.
+        """The loaded predictor for ``name`` at ``version`` (the one the job names).
 
         A package installed or upgraded while the worker runs is picked up: on a miss
-        the model folders are scanned again before the job is given up, and a
-        predictor of an older version is dropped.
+        the model folders are scanned again before the job is given up, and
+        predictors of versions no longer installed are dropped.
         """
-        pkg = self.packages.get(name)
-        if pkg is None or pkg.version != version:
-            self._packages = None
-            pkg = self.packages.get(name)
-            cached = self._predictors.get(name)
-            if cached is not None and (pkg is None or cached.package.version != pkg.version):
-                cached.backend.close()
-                del self._predictors[name]
+        pkg = self.packages.get(name, {}).get(version)
         if pkg is None:
+            self._packages = None
+            pkg = self.packages.get(name, {}).get(version)
+            for key in [k for k in self._predictors if k[1] not in self.packages.get(k[0], {})]:
+                self._predictors.pop(key).backend.close()
+        if pkg is None:
+            installed = sorted(self.packages.get(name, {}))
+            if installed:
+                raise jobs.PermanentJobError(
+                    f"model {name!r} is version {', '.join(installed)}, the job asked for {version}"
+                )
             raise jobs.PermanentJobError(
                 f"model {name!r} is not installed (looked in "
                 f"{', '.join(str(d) for d in self.cfg.inference.model_dirs)})"
             )
-        if pkg.version != version:
-            raise jobs.PermanentJobError(
-                f"model {name!r} is version {pkg.version}, the job asked for {version}"
-            )
-        if name not in self._predictors:
+        if (name, version) not in self._predictors:
             from models.backends import create_backend
             from models.pipeline import Predictor
 
@@ -171,11 +175,11 @@ class Worker:
                     f"model {name!r} could not be loaded with backend "
                     f"{self.cfg.inference.backend!r}: {exc}"
                 ) from exc
-            self._predictors[name] = Predictor(
+            self._predictors[name, version] = Predictor(
                 pkg, backend, batch_size=self.cfg.inference.batch_size
             )
             log.info("loaded %s %s on %s", name, version, backend.name)
-        return self._predictors[name]
+        return self._predictors[name, version]
 
     # -- one job ----------------------------------------------------------------------
     def load_series(self, sop_uids: list[str]) -> dict[str, list[pydicom.Dataset]]:

@@ -438,3 +438,36 @@ def test_a_package_upgraded_while_the_worker_runs_is_picked_up(tmp_path: Path) -
     assert job.status == JobStatus.DONE, job.last_error
     assert worker.predictor("cxr-nodule", "0.0.2").package.version == "0.0.2"
     db.dispose()
+
+
+# ------------------------------------------- one package rule for scheduler and worker
+
+
+def two_version_cfg(tmp_path: Path, pin: str | None = None) -> NodeConfig:
+    """``cxr-nodule`` 1.0.0 in the first model dir, 2.0.0 in the second."""
+    old = fake_packages(tmp_path / "pkgs-a", version="1.0.0")
+    new = fake_packages(tmp_path / "pkgs-b", version="2.0.0")
+    cfg = make_cfg(tmp_path, model_dirs=[old, new])
+    if pin is None:
+        return cfg
+    routes = [r.model_copy(update={"model_version": pin}) for r in cfg.routes]
+    return cfg.model_copy(update={"routes": routes})
+
+
+@pytest.mark.parametrize(("pin", "expected"), [(None, "2.0.0"), ("1.0.0", "1.0.0")])
+def test_two_versions_in_two_model_dirs_run_end_to_end(
+    tmp_path: Path, pin: str | None, expected: str
+) -> None:
+    """Scheduler and worker agree: the highest version wins unless the route pins one."""
+    cfg = two_version_cfg(tmp_path, pin)
+    db = init_db(cfg.node.resolved_database_url)
+    receive(db, cfg, dx_study())
+    (job_id,) = schedule(db, cfg)
+    assert job_row(db, job_id).payload["model_version"] == expected
+    worker = Worker(cfg, db)
+    assert worker.run_one() is True
+    job = job_row(db, job_id)
+    assert job.status == JobStatus.DONE, job.last_error
+    assert results(db) and send_jobs(db)
+    assert worker.predictor("cxr-nodule", expected).package.version == expected
+    db.dispose()
