@@ -7,9 +7,9 @@ import threading
 from types import FrameType
 
 from node.config import NodeConfig
-from node.deliver.sender import CRASH_HOOK_ENV, Sender
+from node.deliver.sender import Sender
 
-__all__ = ["CRASH_HOOK_ENV", "Sender", "run"]
+__all__ = ["Sender", "run"]
 
 
 def run(cfg: NodeConfig) -> None:

@@ -18,7 +18,6 @@ connection, abort, timeout and transient rejection retry; a permanent rejection
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -39,13 +38,9 @@ from node.store import jobs
 from node.store.db import AuditEvent, Database, Job, JobKind, JobStatus, now
 from node.store.outbox import cleanup
 
-__all__ = ["CRASH_HOOK_ENV", "Sender"]
+__all__ = ["Sender"]
 
 log = logging.getLogger(__name__)
-
-#: Test hook: when set, the process exits right after the first successful C-STORE and
-#: before the job is marked done, to prove that a crash there leads to a resend.
-CRASH_HOOK_ENV = "AIRNODE_TEST_CRASH_AFTER_STORE"
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -83,11 +78,7 @@ class Sender:
         self.poll_s = poll_s
         self.outbox = Path(cfg.node.outbox_dir)
         self.lease_s = cfg.send.lease_s
-        self.policy = jobs.RetryPolicy(
-            max_attempts=cfg.send.max_attempts,
-            base_delay_s=cfg.send.base_delay_s,
-            max_delay_s=max(cfg.send.max_delay_s, cfg.send.base_delay_s),
-        )
+        self.policy = jobs.retry_policies(cfg.send)[JobKind.SEND]
 
     # -- claiming -------------------------------------------------------------------
 
@@ -119,8 +110,6 @@ class Sender:
 
     def _done(self, dest: DestinationConfig, job: Job, status: int) -> None:
         uid = str(job.payload.get("sop_instance_uid", ""))
-        if os.environ.get(CRASH_HOOK_ENV):
-            os._exit(70)  # simulated crash: stored at the peer, job not yet done
         if not jobs.complete(self.db, job.id, self._owner(dest)):
             log.warning("send %s to %s: lease lost before completion", uid_tag(uid), dest.name)
             return
@@ -299,8 +288,10 @@ class Sender:
             n += 1
 
     def housekeeping(self) -> None:
-        """Return expired leases, end jobs for unknown destinations, prune the outbox."""
-        jobs.reap_expired(self.db, self.policy)
+        """End jobs for unknown destinations, prune the outbox.
+
+        Expired leases are the scheduler's reaper's (:func:`node.store.jobs.reap_expired`).
+        """
         self.fail_unknown_destinations()
         removed = cleanup(self.db, self.outbox)
         if removed:

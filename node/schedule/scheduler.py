@@ -369,7 +369,6 @@ def run(cfg: NodeConfig, *, poll_s: float = 0.5, reap_every_s: float = 5.0) -> N
                 route.model,
                 f" version {route.model_version!r}" if route.model_version else "",
             )
-    policy = jobs.RetryPolicy()
     log.info(
         "scheduler: %d route(s), stable after %.0f s, forced after %.0f s",
         len(router.routes),
@@ -381,7 +380,7 @@ def run(cfg: NodeConfig, *, poll_s: float = 0.5, reap_every_s: float = 5.0) -> N
         while not stopping.is_set():
             try:
                 if time.monotonic() >= next_reap:
-                    reaped = jobs.reap_expired(db, policy)
+                    reaped = jobs.reap_expired(db)
                     if reaped:
                         log.warning("reaper: %d job(s) with an expired lease requeued", reaped)
                     next_reap = time.monotonic() + reap_every_s

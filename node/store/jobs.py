@@ -14,6 +14,9 @@ runs under the database's single write lock.
 
 Retries come from a :class:`RetryPolicy` and only for transient errors
 (:class:`TransientJobError`); anything else ends the job ``dead`` with its reason.
+The policy belongs to the job's kind (:func:`retry_policies`, one table): a job's
+``max_attempts`` is written from it when the job is queued, so a job crashed by its
+process is given up after its own kind's attempts whichever process reaps it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from node.config import SendPolicyConfig
 from node.store.db import TRANSITIONS, Database, Job, JobKind, JobStatus, now
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "heartbeat",
     "reap_expired",
     "retry",
+    "retry_policies",
 ]
 
 CLAIMABLE = (JobStatus.QUEUED, JobStatus.FAILED)
@@ -92,6 +97,24 @@ class RetryPolicy:
         return raw * (1.0 - self.jitter) + raw * self.jitter * r
 
 
+def retry_policies(send: SendPolicyConfig | None = None) -> dict[JobKind, RetryPolicy]:
+    """The retry policy of each job kind: the one table every stage reads.
+
+    ``infer``: a model error rarely heals, so few attempts with a short back-off.
+    ``send``: a PACS may be down for hours; ``[send]`` in the configuration sets its
+    attempts and back-off.
+    """
+    send = send or SendPolicyConfig()
+    return {
+        JobKind.INFER: RetryPolicy(max_attempts=3, base_delay_s=5.0, max_delay_s=60.0),
+        JobKind.SEND: RetryPolicy(
+            max_attempts=send.max_attempts,
+            base_delay_s=send.base_delay_s,
+            max_delay_s=max(send.max_delay_s, send.base_delay_s),
+        ),
+    }
+
+
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -117,11 +140,14 @@ def enqueue(
     payload: dict[str, Any],
     *,
     study_instance_uid: str | None = None,
-    max_attempts: int = 10,
+    max_attempts: int | None = None,
     not_before: float = 0.0,
     parent_id: int | None = None,
 ) -> tuple[int, bool]:
-    """Insert a job unless one with ``key`` exists. Returns ``(job id, created)``."""
+    """Insert a job unless one with ``key`` exists. Returns ``(job id, created)``.
+
+    ``max_attempts`` defaults to the kind's policy (:func:`retry_policies`).
+    """
     with db.session() as s:
         return enqueue_in(
             s,
@@ -142,7 +168,7 @@ def enqueue_in(
     payload: dict[str, Any],
     *,
     study_instance_uid: str | None = None,
-    max_attempts: int = 10,
+    max_attempts: int | None = None,
     not_before: float = 0.0,
     parent_id: int | None = None,
 ) -> tuple[int, bool]:
@@ -152,6 +178,8 @@ def enqueue_in(
     transaction (the scheduler marks a study scheduled and queues its jobs at once).
     A racing insert of the same key (PostgreSQL) is absorbed by a savepoint.
     """
+    if max_attempts is None:
+        max_attempts = retry_policies()[kind].max_attempts
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     existing = s.scalar(select(Job.id).where(Job.idempotency_key == key))
@@ -295,12 +323,12 @@ def fail(
     return JobStatus.DEAD if ok else None
 
 
-def reap_expired(db: Database, policy: RetryPolicy | None = None) -> int:
-    """Return running jobs whose lease expired (their worker died) to the queue.
+def reap_expired(db: Database) -> int:
+    """Return running jobs whose lease expired (their process died) to the queue.
 
-    A job that keeps killing its worker ends ``dead`` once its attempts are used up.
+    The one reaper: whichever process calls it, a job that keeps killing its process
+    ends ``dead`` once the attempts of its kind (its ``max_attempts``) are used up.
     """
-    policy = policy or RetryPolicy()
     t = now()
     n = 0
     with db.session() as s:
@@ -309,7 +337,7 @@ def reap_expired(db: Database, policy: RetryPolicy | None = None) -> int:
         ).all()
         for job in expired:
             msg = f"lease of {job.lease_owner} expired (worker stopped?)"
-            if job.attempts >= min(job.max_attempts, policy.max_attempts):
+            if job.attempts >= job.max_attempts:
                 job.status = JobStatus.DEAD
                 job.finished_at = t
                 msg = f"gave up after {job.attempts} attempts: {msg}"

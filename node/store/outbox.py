@@ -65,7 +65,7 @@ def store_results(
     model: str,
     infer_job_id: int | None,
     destinations: list[str],
-    max_attempts: int = 10,
+    max_attempts: int | None = None,
 ) -> list[Result]:
     """Write ``datasets`` to the outbox, record them, queue one send per destination.
 

@@ -119,7 +119,7 @@ class Worker:
         # The heartbeat renews the lease every lease_s / 3; the reaper in the
         # scheduler returns the job to the queue once a dead worker's lease runs out.
         self.lease_s = lease_s
-        self.policy = policy or jobs.RetryPolicy(max_attempts=3, base_delay_s=5.0, max_delay_s=60.0)
+        self.policy = policy or jobs.retry_policies(cfg.send)[JobKind.INFER]
         self._packages: dict[str, dict[str, ModelPackage]] | None = None
         self._predictors: dict[tuple[str, str], Predictor] = {}
         self.stopping = threading.Event()
@@ -260,7 +260,7 @@ class Worker:
         return payload
 
     def release_orphans(self) -> int:
-        """Requeue infer jobs held by dead worker processes of this host; returns how many.
+        """Requeue jobs held by dead worker processes of this host; returns how many.
 
         A worker killed with ``kill -9`` (or by the OOM killer) leaves its job
         ``running`` until the lease runs out.  When the supervisor restarts the stage,
@@ -280,16 +280,16 @@ class Worker:
                 )
             ).all()
         dead = {o for o in owners if o is not None and not _pid_alive(o.removeprefix(prefix))}
-        if not dead:
-            return 0
-        with self.db.session() as s:
-            s.execute(
-                update(Job)
-                .where(Job.status == JobStatus.RUNNING, Job.lease_owner.in_(dead))
-                .values(lease_expires_at=now() - 1.0)
-            )
-        n = jobs.reap_expired(self.db, self.policy)
-        log.warning("requeued %d job(s) of stopped worker process(es)", n)
+        if dead:
+            with self.db.session() as s:
+                s.execute(
+                    update(Job)
+                    .where(Job.status == JobStatus.RUNNING, Job.lease_owner.in_(dead))
+                    .values(lease_expires_at=now() - 1.0)
+                )
+        n = jobs.reap_expired(self.db)
+        if n:
+            log.warning("requeued %d job(s) of stopped process(es)", n)
         return n
 
     def run_one(self) -> bool:
