@@ -79,6 +79,12 @@ def airnode(work: Path, processes: int) -> Iterator[tuple[int, str]]:
         f'receiver_processes = {processes}\nlog_level = "WARNING"\n'
         "[security]\nmax_associations = 64\nmax_associations_per_host = 64\n"
     )
+    subprocess.run(
+        [sys.executable, "-m", "node.ops.cli", "db", "upgrade", "--config", str(cfg)],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.ops.cli", "receive", "--config", str(cfg)],
         cwd=ROOT,

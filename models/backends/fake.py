@@ -26,8 +26,17 @@ class FakeBackend(Backend):
     name = "fake"
     device = "cpu"
 
-    def __init__(self, gain: float = 10.0, stride: int = 4, sigma: float = 1.5) -> None:
+    def __init__(
+        self,
+        gain: float = 10.0,
+        stride: int = 4,
+        sigma: float = 1.5,
+        device_index: int | None = None,
+    ) -> None:
         super().__init__()
+        # Computes on the CPU; records the GPU it was given, as a real backend uses it.
+        self.device_index = device_index
+        self.device = "cpu" if device_index is None else f"cuda:{device_index}"
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         if sigma <= 0:

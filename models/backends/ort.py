@@ -38,10 +38,19 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, device: str = "auto", intra_op_threads: int = 0, spin: bool = False) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        intra_op_threads: int = 0,
+        spin: bool = False,
+        device_index: int | None = None,
+    ) -> None:
         super().__init__()
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        if device_index is not None and device_index < 0:
+            raise ValueError(f"device_index must be >= 0, got {device_index}")
+        self.device_index = device_index
         if intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 0, got {intra_op_threads}")
         self._want = device
@@ -61,9 +70,9 @@ class OnnxRuntimeBackend(Backend):
         use_cuda = self._want == "cuda" or (self._want == "auto" and cuda_available())
         if self._want == "cuda" and not cuda_available():
             raise BackendError("onnxruntime backend: CUDAExecutionProvider is not available")
-        providers: list[str] = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
         if use_cuda:
-            providers.insert(0, "CUDAExecutionProvider")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_index or 0}))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -80,7 +89,8 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(
                 f"onnxruntime backend: cannot load {package.onnx_path}: {first}"
             ) from exc
-        self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
+        on_gpu = "CUDAExecutionProvider" in self._session.get_providers()
+        self.device = f"cuda:{self.device_index or 0}" if on_gpu else "cpu"
         self._input = self._session.get_inputs()[0].name
         self._names = [o.name for o in self._session.get_outputs()]
         self._package = package

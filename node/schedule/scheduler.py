@@ -21,24 +21,22 @@ the lease reaper (:func:`node.store.jobs.reap_expired`) every few seconds.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from sqlalchemy import and_, func, or_, select
 
 from models.package import ModelPackage, discover_packages, select_package
 from node.config import NodeConfig
 from node.errors import UserError
-from node.logs import configure_logging, uid_tag
+from node.logs import uid_tag
+from node.runtime import start_stage
 from node.schedule.routing import RouteMatch, Router, RoutingError, read_header
 from node.store import jobs
-from node.store.db import Database, Instance, JobKind, Study, StudyState, init_db
+from node.store.db import Database, Instance, JobKind, Study, StudyState
 
 __all__ = [
     "ModelVersionError",
@@ -339,27 +337,17 @@ def tick(
     return report
 
 
-def run(cfg: NodeConfig, *, poll_s: float = 0.5, reap_every_s: float = 5.0) -> None:
+def run(
+    cfg: NodeConfig, replica: int = 0, *, poll_s: float = 0.5, reap_every_s: float = 5.0
+) -> None:
     """Entry point of ``airnode schedule``: tick until SIGTERM or Ctrl-C."""
-    configure_logging(
-        cfg.node.log_level,
-        json_lines=cfg.node.log_json,
-        show_phi=cfg.node.log_phi,
-        stage="scheduler",
-    )
+    stage = start_stage(cfg, "scheduler", replica)
     try:  # a bad rule stops here, before any study is touched
         router = Router(cfg.routes)
     except RoutingError as exc:
         raise UserError(f"config error: {exc}") from None
-    db = init_db(cfg.node.resolved_database_url)
-    stopping = threading.Event()
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    db = stage.open_db()
+    stopping = stage.stopping
     known = installed_packages(cfg.inference.model_dirs)
     for route in router.routes:
         if select_package(known.get(route.model, {}), route.model_version) is None:

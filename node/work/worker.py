@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import pydicom
 from sqlalchemy import select, update
 
 from node.config import NodeConfig
-from node.logs import configure_logging, uid_tag
+from node.logs import uid_tag
+from node.runtime import start_stage
 from node.store import jobs
-from node.store.db import Database, Instance, Job, JobKind, JobStatus, init_db, now
+from node.store.db import Database, Instance, Job, JobKind, JobStatus, now
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -110,11 +109,14 @@ class Worker:
         owner: str | None = None,
         lease_s: float = 300.0,
         policy: jobs.RetryPolicy | None = None,
+        device_index: int | None = None,
     ) -> None:
         if lease_s <= 0:
             raise ValueError(f"lease_s must be > 0, got {lease_s}")
         self.cfg = cfg
         self.db = db
+        #: The GPU this worker's backends run on (``None``: no GPU, the CPU).
+        self.device_index = device_index
         self.owner = owner or f"worker:{jobs.default_owner()}"
         # The heartbeat renews the lease every lease_s / 3; the reaper in the
         # scheduler returns the job to the queue once a dead worker's lease runs out.
@@ -123,6 +125,18 @@ class Worker:
         self._packages: dict[str, dict[str, ModelPackage]] | None = None
         self._predictors: dict[tuple[str, str], Predictor] = {}
         self.stopping = threading.Event()
+
+    @classmethod
+    def for_replica(cls, cfg: NodeConfig, db: Database, replica: int) -> Worker:
+        """Worker replica ``replica`` of ``inference.workers``: one GPU per replica.
+
+        It runs on GPU ``replica`` modulo the GPUs this process may see
+        (``CUDA_VISIBLE_DEVICES`` respected), or on the CPU when there is none, so N
+        workers on an N-GPU machine use one GPU each.
+        """
+        from models.backends import device_for_replica
+
+        return cls(cfg, db, device_index=device_for_replica(replica))
 
     # -- model packages and backends, loaded once per process -------------------------
     @property
@@ -168,7 +182,10 @@ class Worker:
 
             try:
                 backend = create_backend(
-                    self.cfg.inference.backend, pkg, self.cfg.inference.intra_op_threads
+                    self.cfg.inference.backend,
+                    pkg,
+                    self.cfg.inference.intra_op_threads,
+                    self.device_index,
                 )
             except Exception as exc:  # a broken model file or a missing library
                 raise jobs.PermanentJobError(
@@ -178,7 +195,7 @@ class Worker:
             self._predictors[name, version] = Predictor(
                 pkg, backend, batch_size=self.cfg.inference.batch_size
             )
-            log.info("loaded %s %s on %s", name, version, backend.name)
+            log.info("loaded %s %s on %s (%s)", name, version, backend.name, backend.device)
         return self._predictors[name, version]
 
     # -- one job ----------------------------------------------------------------------
@@ -340,21 +357,24 @@ class Worker:
                 self.stopping.wait(poll_s)
 
 
-def run(cfg: NodeConfig) -> None:
-    """Entry point of ``airnode work``: run until SIGTERM or Ctrl-C."""
-    configure_logging(
-        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage="worker"
+def run(cfg: NodeConfig, replica: int = 0) -> None:
+    """Entry point of ``airnode work``: run until SIGTERM or Ctrl-C.
+
+    ``replica`` comes from the supervisor (``inference.workers`` copies) or
+    ``--replica``; it picks the GPU (:meth:`Worker.for_replica`).
+    """
+    stage = start_stage(cfg, "worker", replica)
+    db = stage.open_db()
+    worker = Worker.for_replica(cfg, db, replica)
+    worker.stopping = stage.stopping
+    log.info(
+        "worker %d on %s",
+        replica,
+        "the CPU" if worker.device_index is None else f"GPU {worker.device_index}",
     )
-    db = init_db(cfg.node.resolved_database_url)
-    worker = Worker(cfg, db)
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: finishing the current job, then stopping", signum)
-        worker.stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     _ = worker.packages  # load the manifests up front: a broken package shows at start
     worker.release_orphans()
-    worker.serve_forever()
-    db.dispose()
+    try:
+        worker.serve_forever()
+    finally:
+        db.dispose()

@@ -40,15 +40,15 @@ def _stage_name() -> str:
     return os.environ.get("AIRNODE_STAGE", "?")
 
 
-def _mark(cfg: NodeConfig, suffix: str = "") -> Path:
+def _mark(cfg: NodeConfig, suffix: str = "", replica: int = 0) -> Path:
     d = cfg.node.data_dir / "pids"
     d.mkdir(parents=True, exist_ok=True)
     p = d / f"{_stage_name()}.{os.getpid()}{suffix}"
-    p.write_text("", encoding="utf-8")
+    p.write_text(str(replica), encoding="utf-8")
     return p
 
 
-def fake_steady(cfg: NodeConfig) -> None:
+def fake_steady(cfg: NodeConfig, replica: int) -> None:
     """Runs until SIGTERM, then records a clean stop."""
     stop = False
 
@@ -57,26 +57,26 @@ def fake_steady(cfg: NodeConfig) -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, _term)
-    _mark(cfg)
+    _mark(cfg, replica=replica)
     while not stop:
         time.sleep(0.05)
     _mark(cfg, ".stopped")
 
 
-def fake_crasher(cfg: NodeConfig) -> None:
+def fake_crasher(cfg: NodeConfig, replica: int) -> None:
     """Dies shortly after starting, like a stage hitting a fatal bug."""
     _mark(cfg)
     time.sleep(0.1)
     os._exit(3)
 
 
-def fake_raiser(cfg: NodeConfig) -> None:
+def fake_raiser(cfg: NodeConfig, replica: int) -> None:
     """Raises, like a stage with a bug."""
     _mark(cfg)
     raise RuntimeError("stage bug for the test")
 
 
-def fake_stubborn(cfg: NodeConfig) -> None:
+def fake_stubborn(cfg: NodeConfig, replica: int) -> None:
     """Ignores SIGTERM: the supervisor has to kill it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _mark(cfg)
@@ -201,6 +201,10 @@ def test_sigterm_stops_every_child_cleanly_and_exits_zero(start_node: Callable[.
     status = read_stage_status(node.data_dir / "run" / "stages.json")
     assert status is not None
     assert set(status["stages"]) == {"steady-0", "steady-1", "other"}
+    # Each copy was told its replica index (the worker's GPU comes from it).
+    for stage, replica in (("steady-0", "0"), ("steady-1", "1"), ("other", "0")):
+        (pid,) = _pids(node.data_dir, stage)
+        assert (node.data_dir / "pids" / f"{stage}.{pid}").read_text() == replica
 
     code, err = node.stop(signal.SIGTERM)
 

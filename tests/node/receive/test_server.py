@@ -27,7 +27,9 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from node.config import load_config
 from node.ops.synthetic import ct_series, write_series
+from node.store.db import init_db
 from tests.conftest import free_port, require_tool
 from tests.peers import make_ca, make_leaf
 
@@ -78,6 +80,7 @@ data_dir = "{data_dir}"
 
 
 def _start(cfg: Path, port: int, data_dir: Path, log: Path, tls: bool = False) -> Node:
+    init_db(load_config(cfg).node.resolved_database_url).dispose()  # as `airnode db upgrade`
     logf = log.open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.ops.cli", "receive", "--config", str(cfg)],

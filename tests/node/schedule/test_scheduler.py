@@ -673,9 +673,9 @@ def test_studies_sent_with_storescu_get_exactly_one_job_per_model(tmp_path: Path
     small = ct_series(3, 32, 32, seed=2)  # no rule takes 32x32
     files = write_series(ct, tmp_path / "ct") + write_series(small, tmp_path / "small")
     files += write_series([dx_image(rows=128, cols=128, seed=3)], tmp_path / "dx")
+    db = init_db(cfg.node.resolved_database_url)
     receiver = Receiver(cfg)
     receiver.start()
-    db = init_db(cfg.node.resolved_database_url)
     try:
 
         def send(paths: list[Path]) -> None:

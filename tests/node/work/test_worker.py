@@ -471,3 +471,50 @@ def test_two_versions_in_two_model_dirs_run_end_to_end(
     assert results(db) and send_jobs(db)
     assert worker.predictor("cxr-nodule", expected).package.version == expected
     db.dispose()
+
+
+# ------------------------------------------------------------------ one worker per GPU
+
+
+@pytest.mark.parametrize(
+    ("visible", "devices"),
+    [("0,1", [0, 1, 0, 1]), ("4,6,7", [0, 1, 2, 0]), ("3", [0, 0, 0, 0]), ("", [None] * 4)],
+)
+def test_each_worker_replica_runs_on_its_own_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, visible: str, devices: list[int | None]
+) -> None:
+    """``inference.workers = N`` on N GPUs: replica i uses GPU i (an ordinal within
+    ``CUDA_VISIBLE_DEVICES``); more replicas than GPUs share them round-robin; with no
+    GPU visible every worker runs on the CPU.  The fake backend records its device."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    cfg = make_cfg(tmp_path)
+    db = init_db(cfg.node.resolved_database_url)
+    for replica, device in enumerate(devices):
+        receive(db, cfg, [dx_image(rows=64, cols=64, seed=10 + replica)])
+        (job_id,) = schedule(db, cfg)
+        worker = Worker.for_replica(cfg, db, replica)
+        assert worker.run_one() is True
+        assert job_row(db, job_id).status == JobStatus.DONE
+        backend = worker.predictor("cxr-nodule", "0.0.1").backend
+        assert getattr(backend, "device_index", "missing") == device
+        assert backend.device == ("cpu" if device is None else f"cuda:{device}")
+    db.dispose()
+
+
+def test_visible_gpus_reads_cuda_visible_devices_then_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.backends import device_for_replica, visible_gpus
+
+    for env, n in (("0,1", 2), ("", 0), ("-1", 0), ("2,-1,3", 1), (" 1 , 0 ", 2)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+        assert visible_gpus() == n, env
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    driver = tmp_path / "gpus"
+    for bus in ("0000:17:00.0", "0000:65:00.0", "0000:b1:00.0"):
+        (driver / bus).mkdir(parents=True)
+    assert visible_gpus(driver) == 3
+    assert visible_gpus(tmp_path / "no-driver") == 0
+    assert [device_for_replica(i, gpus=3) for i in range(5)] == [0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="replica"):
+        device_for_replica(-1, gpus=1)
