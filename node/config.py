@@ -116,7 +116,7 @@ class SecurityConfig(_Model):
 
 
 class DestinationConfig(_Model):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)  # the jobs.destination column
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)

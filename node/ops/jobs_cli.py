@@ -67,7 +67,7 @@ def list_jobs(
         return
     table = Table("id", "kind", "status", "attempts", "model / destination", "updated", "error")
     for j in rows:
-        target = str(j.payload.get("model") or j.payload.get("destination") or "")
+        target = j.destination or str(j.payload.get("model") or "")  # shown even if invalid
         table.add_row(
             str(j.id),
             str(j.kind),

@@ -37,6 +37,7 @@ from node.runtime import start_stage
 from node.schedule.routing import RouteMatch, Router, RoutingError, read_header
 from node.store import jobs
 from node.store.db import Database, Instance, JobKind, Study, StudyState
+from node.store.payloads import InferPayload
 
 __all__ = [
     "ModelVersionError",
@@ -181,7 +182,7 @@ def _finish_study(
     note: Callable[[list[tuple[int, bool]]], str],
     t: float,
     forced: bool,
-    new_jobs: Sequence[tuple[str, dict[str, object]]] = (),
+    new_jobs: Sequence[tuple[str, InferPayload]] = (),
 ) -> tuple[bool, list[tuple[int, bool]]]:
     """Record the outcome and queue the jobs in one transaction.
 
@@ -203,7 +204,7 @@ def _finish_study(
             return False, []
         queued = [
             jobs.enqueue_in(
-                s, JobKind.INFER, key, dict(payload), study_instance_uid=study.study_instance_uid
+                s, JobKind.INFER, key, payload, study_instance_uid=study.study_instance_uid
             )
             for key, payload in new_jobs
         ]
@@ -251,7 +252,7 @@ def _schedule_study(
     if installed is None:
         installed = installed_packages(cfg.inference.model_dirs)
     notes: list[str] = []
-    new_jobs: list[tuple[str, dict[str, object]]] = []
+    new_jobs: list[tuple[str, InferPayload]] = []
     labels: list[str] = []
     for (model, pin), (ser_uids, sops, dests, routes) in wanted.items():
         pkg = select_package(installed.get(model, {}), pin)
@@ -269,16 +270,16 @@ def _schedule_study(
         # Configuration order, not series order, so the payload is deterministic.
         fired = [r.name for r in router.routes if r.name in routes]
         dests = dict.fromkeys(d for r in router.routes if r.name in routes for d in r.send_to)
-        payload: dict[str, object] = {
-            "model": model,
-            "model_version": version,
-            "study_instance_uid": uid,
-            "series_instance_uids": sorted(ser_uids),
-            "sop_instance_uids": sorted(sops),
-            "destinations": list(dests),
-            "route": fired[0],
-            "routes": fired,
-        }
+        payload = InferPayload(
+            model=model,
+            model_version=version,
+            study_instance_uid=uid,
+            series_instance_uids=sorted(ser_uids),
+            sop_instance_uids=sorted(sops),
+            destinations=list(dests),
+            route=fired[0],
+            routes=fired,
+        )
         new_jobs.append((infer_key(uid, model, version, sops), payload))
         labels.append(f"{model}@{version} ({len(ser_uids)} series, {len(sops)} instances)")
     if not new_jobs:

@@ -172,6 +172,12 @@ class Job(Base):
     idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
     study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Send jobs: where to, and which result object (the payload repeats them, typed,
+    # in node.store.payloads); columns so that claiming and clean-up query them.
+    destination: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    result_sop_instance_uid: Mapped[str | None] = mapped_column(
+        String(64), nullable=True, index=True
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=10)
     not_before: Mapped[float] = mapped_column(Float, default=0.0)

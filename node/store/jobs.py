@@ -25,7 +25,7 @@ import hashlib
 import os
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,11 @@ from sqlalchemy.orm import Session
 
 from node.config import SendPolicyConfig
 from node.store.db import TRANSITIONS, Database, Job, JobKind, JobStatus, now
+from node.store.payloads import JobPayload, SendPayload
+
+#: What a job carries: the typed payload of its kind (node.store.payloads); a plain
+#: mapping is stored as it is (the job layer's own tests use that).
+Payload = JobPayload | Mapping[str, Any]
 
 __all__ = [
     "JobError",
@@ -128,6 +133,10 @@ def key_digest(*parts: str) -> str:
     return h.hexdigest()[:32]
 
 
+def _stored(payload: Payload) -> dict[str, Any]:
+    return payload.dump() if isinstance(payload, JobPayload) else dict(payload)
+
+
 def _check(old: JobStatus, new: JobStatus) -> None:
     if new not in TRANSITIONS[old]:
         raise IllegalTransition(f"job cannot go from {old} to {new}")
@@ -137,7 +146,7 @@ def enqueue(
     db: Database,
     kind: JobKind,
     key: str,
-    payload: dict[str, Any],
+    payload: Payload,
     *,
     study_instance_uid: str | None = None,
     max_attempts: int | None = None,
@@ -165,7 +174,7 @@ def enqueue_in(
     s: Session,
     kind: JobKind,
     key: str,
-    payload: dict[str, Any],
+    payload: Payload,
     *,
     study_instance_uid: str | None = None,
     max_attempts: int | None = None,
@@ -182,16 +191,21 @@ def enqueue_in(
         max_attempts = retry_policies()[kind].max_attempts
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if isinstance(payload, JobPayload) and payload.kind != kind:
+        raise ValueError(f"a {type(payload).__name__} is not the payload of a {kind} job")
     existing = s.scalar(select(Job.id).where(Job.idempotency_key == key))
     if existing is not None:
         return existing, False
     t = now()
+    send = payload if isinstance(payload, SendPayload) else None
     job = Job(
         kind=kind,
         status=JobStatus.QUEUED,
         idempotency_key=key,
         study_instance_uid=study_instance_uid,
-        payload=payload,
+        payload=_stored(payload),
+        destination=send.destination if send else None,
+        result_sop_instance_uid=send.sop_instance_uid if send else None,
         attempts=0,
         max_attempts=max_attempts,
         not_before=not_before,
@@ -265,7 +279,7 @@ def _finish(
     *,
     error: str | None = None,
     not_before: float | None = None,
-    payload: dict[str, Any] | None = None,
+    payload: Payload | None = None,
 ) -> bool:
     t = now()
     with db.session() as s:
@@ -284,13 +298,13 @@ def _finish(
         if not_before is not None:
             job.not_before = not_before
         if payload is not None:
-            job.payload = payload
+            job.payload = _stored(payload)
         if new in (JobStatus.DONE, JobStatus.DEAD):
             job.finished_at = t
         return True
 
 
-def complete(db: Database, job_id: int, owner: str, payload: dict[str, Any] | None = None) -> bool:
+def complete(db: Database, job_id: int, owner: str, payload: Payload | None = None) -> bool:
     """Mark a running job done. ``False`` if its lease had been lost."""
     return _finish(db, job_id, owner, JobStatus.DONE, payload=payload)
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pydicom
 from sqlalchemy import select, update
@@ -31,6 +31,7 @@ from node.logs import uid_tag
 from node.runtime import start_stage
 from node.store import jobs
 from node.store.db import Database, Instance, Job, JobKind, JobStatus, now
+from node.store.payloads import InferPayload, PayloadError
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -218,7 +219,7 @@ class Worker:
             series[row.series_instance_uid].append(ds)
         return dict(series)
 
-    def process(self, job: Job) -> dict[str, Any]:
+    def process(self, job: Job) -> InferPayload:
         """Run one infer job; returns the payload to store with the finished job.
 
         ``payload["timings"]`` holds seconds per phase, summed over the job's series:
@@ -230,12 +231,11 @@ class Worker:
         from node.results import encode_all
         from node.store.outbox import store_results
 
-        payload = dict(job.payload)
-        model = str(payload.get("model", ""))
-        version = str(payload.get("model_version", ""))
-        sop_uids = [str(u) for u in payload.get("sop_instance_uids", [])]
-        if not model or not sop_uids:
-            raise jobs.PermanentJobError("job payload names no model or no instances")
+        try:
+            payload = InferPayload.of(job)
+        except PayloadError as exc:
+            raise jobs.PermanentJobError(str(exc)) from None
+        model, version, sop_uids = payload.model, payload.model_version, payload.sop_instance_uids
         t0 = time.perf_counter()
         predictor = self.predictor(model, version)
         timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
@@ -266,15 +266,18 @@ class Worker:
                 objects,
                 model=model,
                 infer_job_id=job.id,
-                destinations=list(payload.get("destinations", [])),
+                destinations=payload.destinations,
                 max_attempts=self.cfg.send.max_attempts,
             )
             timings["store"] += time.perf_counter() - t3
             result_uids.extend(r.sop_instance_uid for r in stored)
         timings["total"] = time.perf_counter() - t0
-        payload["timings"] = {k: round(v, 6) for k, v in timings.items()}
-        payload["result_sop_instance_uids"] = result_uids
-        return payload
+        return payload.model_copy(
+            update={
+                "timings": {k: round(v, 6) for k, v in timings.items()},
+                "result_sop_instance_uids": result_uids,
+            }
+        )
 
     def release_orphans(self) -> int:
         """Requeue jobs held by dead worker processes of this host; returns how many.
@@ -315,10 +318,8 @@ class Worker:
         if job is None:
             return False
         log.info(
-            "job %s: %s %s on study %s (attempt %s)",
+            "job %s: infer on study %s (attempt %s)",
             job.id,
-            job.payload.get("model"),
-            job.payload.get("model_version"),
             uid_tag(job.study_instance_uid),
             job.attempts,
         )
@@ -344,10 +345,12 @@ class Worker:
             log.warning("job %s finished after its lease was lost; left to its new owner", job.id)
             return True
         log.info(
-            "job %s done: %d result object(s) in %.2f s",
+            "job %s done: %s %s, %d result object(s) in %.2f s",
             job.id,
-            len(out["result_sop_instance_uids"]),
-            out["timings"]["total"],
+            out.model,
+            out.model_version,
+            len(out.result_sop_instance_uids or []),
+            (out.timings or {}).get("total", 0.0),
         )
         return True
 

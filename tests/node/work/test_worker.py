@@ -168,6 +168,12 @@ def test_infer_job_becomes_results_in_the_outbox_with_send_jobs(
         sorted((r.sop_instance_uid, d) for r in rows for d in DESTINATIONS)
     )
     assert all(j.status == JobStatus.QUEUED and j.parent_id == job_id for j in sends)
+    # The destination and the result's UID are columns too (claims and clean-up use them).
+    assert all(
+        (j.result_sop_instance_uid, j.destination)
+        == (j.payload["sop_instance_uid"], j.payload["destination"])
+        for j in sends
+    )
     assert {j.max_attempts for j in sends} == {cfg.send.max_attempts}
     db.dispose()
 
@@ -518,3 +524,24 @@ def test_visible_gpus_reads_cuda_visible_devices_then_the_driver(
     assert [device_for_replica(i, gpus=3) for i in range(5)] == [0, 1, 2, 0, 1]
     with pytest.raises(ValueError, match="replica"):
         device_for_replica(-1, gpus=1)
+
+
+def test_an_infer_payload_that_does_not_fit_its_kind_ends_dead_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    cfg = make_cfg(tmp_path)
+    db = init_db(cfg.node.resolved_database_url)
+    receive(db, cfg, dx_study())
+    (job_id,) = schedule(db, cfg)
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.payload = {k: v for k, v in job.payload.items() if k != "sop_instance_uids"}
+    Worker(cfg, db).run_one()
+    job = job_row(db, job_id)
+    assert job.status == JobStatus.DEAD and job.attempts == 1
+    assert (
+        job.last_error
+        == f"PermanentJobError: job {job_id}: payload.sop_instance_uids: Field required"
+    )
+    db.dispose()
