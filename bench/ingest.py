@@ -259,7 +259,7 @@ def main() -> int:
 
 def render(results: dict[tuple[str, int], float], args: argparse.Namespace, mb: float) -> str:
     def rate(name: str, a: int) -> float:
-        return args.slices / results[(name, a)]
+        return float(args.slices) / results[(name, a)]
 
     lines = [
         "## Ingest",

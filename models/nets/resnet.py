@@ -35,7 +35,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
+        y: Tensor = self.relu(out + self.downsample(x))
+        return y
 
 
 class Bottleneck(nn.Module):
@@ -61,7 +62,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + self.downsample(x))
+        y: Tensor = self.relu(out + self.downsample(x))
+        return y
 
 
 class ResNet(nn.Module):

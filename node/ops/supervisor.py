@@ -126,7 +126,7 @@ class RestartPolicy:
 
     def delay(self, consecutive_crashes: int) -> float:
         """Seconds to wait before restart number ``consecutive_crashes`` (1-based)."""
-        return min(self.max_delay_s, self.base_delay_s * 2 ** max(0, consecutive_crashes - 1))
+        return min(self.max_delay_s, self.base_delay_s * 2.0 ** max(0, consecutive_crashes - 1))
 
 
 def default_stages(cfg: NodeConfig) -> list[StageSpec]:

@@ -97,7 +97,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        raw = min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1)))
+        raw = min(self.max_delay_s, self.base_delay_s * (2.0 ** max(0, attempt - 1)))
         r = (rng or random).random()
         return raw * (1.0 - self.jitter) + raw * self.jitter * r
 

@@ -123,7 +123,7 @@ def test_delivers_everything_to_two_destinations_audits_and_cleans_up(
     assert {j.status for j in _jobs(db, "a") + _jobs(db, "b")} == {JobStatus.DONE}
     with db.read() as s:
         sent = s.scalars(select(AuditEvent).where(AuditEvent.event == "sent")).all()
-    assert sorted(e.sop_instance_uid for e in sent) == sorted(uids * 2)
+    assert sorted(str(e.sop_instance_uid) for e in sent) == sorted(uids * 2)
     assert {e.ae_title for e in sent} == {"A", "B"}
     sender.housekeeping()
     assert not list(cfg.node.outbox_dir.rglob("*.dcm"))

@@ -301,7 +301,8 @@ def crashing_worker_main(cfg_json: str, phase: str, marker: str, recovery: str) 
     if phase == "inference":
         fake.FakeBackend._run = lambda self, batch: stall()  # type: ignore[assignment,method-assign,return-value]
     else:
-        write = outbox.write_durable
+        from node.store.durable import write_durable as write
+
         count = 0
 
         def slow_write(target: Path, data: bytes) -> None:
@@ -311,7 +312,8 @@ def crashing_worker_main(cfg_json: str, phase: str, marker: str, recovery: str) 
             if count == 2:
                 stall()
 
-        outbox.write_durable = slow_write
+        # The outbox calls write_durable by the name it imported.
+        pytest.MonkeyPatch().setattr(outbox, "write_durable", slow_write)
     if recovery == "lease":
         Worker(cfg, db, lease_s=2.0, owner="worker:doomed").run_one()
     else:
