@@ -25,8 +25,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,40 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from node.ops.synthetic import ct_series, write_series  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.peers import stop_process, wait_port  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"receiver exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("receiver did not open its port")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @contextlib.contextmanager
 def airnode(work: Path, processes: int) -> Iterator[tuple[int, str]]:
-    port = _free_port()
+    port = free_port()
     cfg = work / "airnode.toml"
     cfg.write_text(
         f'[node]\nae_title = "AIRNODE"\nport = {port}\ndata_dir = "{work / "data"}"\n'
@@ -93,16 +66,16 @@ def airnode(work: Path, processes: int) -> Iterator[tuple[int, str]]:
         start_new_session=True,
     )
     try:
-        _wait_port(port, proc)
+        wait_port(port, 60, proc)
         time.sleep(0.5 * processes)  # every process listening
         yield port, "AIRNODE"
     finally:
-        _stop(proc)
+        stop_process(proc, 30, group=True)
 
 
 @contextlib.contextmanager
 def storescp(work: Path, processes: int) -> Iterator[tuple[int, str]]:
-    port = _free_port()
+    port = free_port()
     out = work / "storescp"
     out.mkdir()
     proc = subprocess.Popen(
@@ -113,15 +86,15 @@ def storescp(work: Path, processes: int) -> Iterator[tuple[int, str]]:
         start_new_session=True,
     )
     try:
-        _wait_port(port, proc)
+        wait_port(port, 60, proc)
         yield port, "STORESCP"
     finally:
-        _stop(proc)
+        stop_process(proc, 30, group=True)
 
 
 @contextlib.contextmanager
 def orthanc(work: Path, processes: int) -> Iterator[tuple[int, str]]:
-    port, http = _free_port(), _free_port()
+    port, http = free_port(), free_port()
     storage = work / "orthanc"
     storage.mkdir()
     cfg = work / "orthanc.json"
@@ -148,10 +121,10 @@ def orthanc(work: Path, processes: int) -> Iterator[tuple[int, str]]:
         start_new_session=True,
     )
     try:
-        _wait_port(port, proc)
+        wait_port(port, 60, proc)
         yield port, "ORTHANC"
     finally:
-        _stop(proc)
+        stop_process(proc, 30, group=True)
 
 
 Receiver = Callable[[Path, int], contextlib.AbstractContextManager[tuple[int, str]]]

@@ -27,7 +27,7 @@ import random
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -142,32 +142,24 @@ def _check(old: JobStatus, new: JobStatus) -> None:
         raise IllegalTransition(f"job cannot go from {old} to {new}")
 
 
+class EnqueueOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`enqueue_in`, which :func:`enqueue` passes on."""
+
+    study_instance_uid: str | None
+    max_attempts: int | None
+    not_before: float
+    parent_id: int | None
+
+
 def enqueue(
-    db: Database,
-    kind: JobKind,
-    key: str,
-    payload: Payload,
-    *,
-    study_instance_uid: str | None = None,
-    max_attempts: int | None = None,
-    not_before: float = 0.0,
-    parent_id: int | None = None,
+    db: Database, kind: JobKind, key: str, payload: Payload, **options: Unpack[EnqueueOptions]
 ) -> tuple[int, bool]:
     """Insert a job unless one with ``key`` exists. Returns ``(job id, created)``.
 
     ``max_attempts`` defaults to the kind's policy (:func:`retry_policies`).
     """
     with db.session() as s:
-        return enqueue_in(
-            s,
-            kind,
-            key,
-            payload,
-            study_instance_uid=study_instance_uid,
-            max_attempts=max_attempts,
-            not_before=not_before,
-            parent_id=parent_id,
-        )
+        return enqueue_in(s, kind, key, payload, **options)
 
 
 def enqueue_in(

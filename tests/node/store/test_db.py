@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +26,6 @@ from node.store.db import (
     now,
 )
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def anydb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'sub' / 'dir' / 'db.sqlite'}"  # parents are created
-    else:
-        url = request.getfixturevalue("pg_url")
-    database = init_db(url)
-    try:
-        yield database
-    finally:
-        database.dispose()
 
 
 def _job(key: str, status: str = "queued") -> Job:

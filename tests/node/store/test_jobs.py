@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import random
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +26,6 @@ Q, R, D, F, X = (
     JobStatus.FAILED,
     JobStatus.DEAD,
 )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def anydb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    database = init_db(url)
-    try:
-        yield database
-    finally:
-        database.dispose()
 
 
 def put(db: Database, key: str = "k", kind: JobKind = JobKind.INFER, **kw: object) -> int:
