@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.backends.base import Backend, BackendError, Outputs
+from models.checks import at_least
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -74,8 +75,7 @@ def visible_gpus(nvidia_gpus: Path = _NVIDIA_GPUS) -> int:
 
 def device_for_replica(replica: int, gpus: int | None = None) -> int | None:
     """The GPU of worker replica ``replica``: ``replica % gpus``; ``None`` without GPUs."""
-    if replica < 0:
-        raise ValueError(f"replica must be >= 0, got {replica}")
+    at_least(0, replica=replica)
     n = visible_gpus() if gpus is None else gpus
     return None if n <= 0 else replica % n
 

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.backends.base import Backend, BackendError, Outputs
+from models.checks import at_least
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -48,11 +49,9 @@ class OnnxRuntimeBackend(Backend):
         super().__init__()
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-        if device_index is not None and device_index < 0:
-            raise ValueError(f"device_index must be >= 0, got {device_index}")
+        at_least(0, device_index=device_index)
         self.device_index = device_index
-        if intra_op_threads < 0:
-            raise ValueError(f"intra_op_threads must be >= 0, got {intra_op_threads}")
+        at_least(0, intra_op_threads=intra_op_threads)
         self._want = device
         self.device = "cpu" if device == "auto" else device
         self.intra_op_threads = intra_op_threads

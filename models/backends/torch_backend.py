@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.backends.base import Backend, BackendError, Outputs
+from models.checks import at_least
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -43,13 +44,11 @@ class TorchBackend(Backend):
         device_index: int | None = None,
     ) -> None:
         super().__init__()
-        if device_index is not None and device_index < 0:
-            raise ValueError(f"device_index must be >= 0, got {device_index}")
+        at_least(0, device_index=device_index)
         self.device_index = device_index
         if not (device in ("auto", "cpu") or device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-        if threads < 0:
-            raise ValueError(f"threads must be >= 0, got {threads}")
+        at_least(0, threads=threads)
         self._want = device
         self.device = "cpu" if device == "auto" else device
         self.half = half

@@ -358,24 +358,30 @@ def reap_expired(db: Database) -> int:
     return n
 
 
+def _not_running(s: Session, job_id: int, new: JobStatus, why: str) -> Job:
+    """The job an operator acts on, refused while running (its process goes on)."""
+    job = s.get(Job, job_id)
+    if job is None:
+        raise KeyError(f"no job {job_id}")
+    if job.status == JobStatus.RUNNING:
+        raise IllegalTransition(
+            f"job cannot go from {job.status} to {new}: {job.lease_owner} {why}"
+        )
+    _check(job.status, new)
+    return job
+
+
 def retry(db: Database, job_id: int) -> Job:
     """Operator action: put a dead, failed or done job back in the queue now.
 
-    A running job is refused: its worker may still be alive.
+    A running job is refused: its worker may still be alive.  Requeueing under a live
+    lease would run the job twice; the reaper requeues it if its worker is really gone.
     """
     t = now()
     with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise KeyError(f"no job {job_id}")
-        if job.status == JobStatus.RUNNING:
-            # Requeueing under a live lease would run the job twice; the reaper
-            # requeues it if its worker is really gone.
-            raise IllegalTransition(
-                f"job cannot go from {job.status} to {JobStatus.QUEUED}: "
-                f"{job.lease_owner} holds its lease; wait for it to end or expire"
-            )
-        _check(job.status, JobStatus.QUEUED)
+        job = _not_running(
+            s, job_id, JobStatus.QUEUED, "holds its lease; wait for it to end or expire"
+        )
         job.status = JobStatus.QUEUED
         job.not_before = t
         job.attempts = 0
@@ -388,15 +394,7 @@ def cancel(db: Database, job_id: int, reason: str = "cancelled by operator") -> 
     """Operator action: end a queued or failed job (``dead``); running ones cannot be."""
     t = now()
     with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise KeyError(f"no job {job_id}")
-        if job.status == JobStatus.RUNNING:  # its worker would go on regardless
-            raise IllegalTransition(
-                f"job cannot go from {job.status} to {JobStatus.DEAD}: "
-                f"{job.lease_owner} is running it; wait for it to end"
-            )
-        _check(job.status, JobStatus.DEAD)
+        job = _not_running(s, job_id, JobStatus.DEAD, "is running it; wait for it to end")
         job.status = JobStatus.DEAD
         job.last_error = reason
         job.finished_at = t
