@@ -93,6 +93,28 @@ def running(
             stop_process(proc, 20.0, group=True)
 
 
+@contextmanager
+def logging_process(cmd: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
+    """``cmd`` with its stderr (its log) piped as text; killed at the end if still up.
+
+    The test stops it with :func:`stop_and_read` to check its exit code and log.
+    """
+    proc = subprocess.Popen(list(cmd), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+
+def stop_and_read(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """SIGTERM ``proc``, wait for it to exit, and return its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return err
+
+
 # Kept under its old name for the sender tests.
 _stop = stop_process
 

@@ -29,6 +29,7 @@ from node.ops.supervisor import (
     read_stage_status,
     stage_status_path,
 )
+from tests.peers import logging_process, stop_and_read
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -336,17 +337,9 @@ def test_status_file_logs_are_json_when_configured(tmp_path: Path) -> None:
         "'log_json': True}}); "
         "run(cfg, [StageSpec('steady', fake_steady)], RestartPolicy(stop_timeout_s=2))"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with logging_process([sys.executable, "-c", code]) as proc:
         _wait_for(lambda: len(_pids(data_dir, "steady")) == 1, "steady")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+        err = stop_and_read(proc)
     assert proc.returncode == 0, err
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert lines, "no log lines"
@@ -408,14 +401,10 @@ def test_airnode_serve_with_real_stages(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     cfg = load_config(conf)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "node.ops.cli", "serve", "--config", str(conf)],
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     base = f"http://127.0.0.1:{http_port}"
-    try:
+    with logging_process(
+        [sys.executable, "-m", "node.ops.cli", "serve", "--config", str(conf)]
+    ) as proc:
 
         def all_running() -> bool:
             try:
@@ -457,12 +446,7 @@ def test_airnode_serve_with_real_stages(tmp_path: Path) -> None:
         page = requests.get(base + "/", timeout=5).text
         assert page.count('<tr class="study" data-state="unrouted"') == 2
 
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+        err = stop_and_read(proc, 60)
     assert proc.returncode == 0, err[-3000:]
     assert not any(_alive(p) for p in stage_pids)
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]  # all JSON
