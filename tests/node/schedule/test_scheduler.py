@@ -19,7 +19,7 @@ from sqlalchemy import select
 from node.config import NodeConfig, parse_config
 from node.schedule import scheduler
 from node.schedule.routing import Router
-from node.schedule.scheduler import infer_key, installed_packages, tick
+from node.schedule.scheduler import TickReport, infer_key, installed_packages, tick
 from node.store import jobs
 from node.store.db import Database, Instance, Job, JobKind, JobStatus, Study, StudyState, init_db
 from tests.models.helpers import manifest, write_package_dir
@@ -395,29 +395,48 @@ def test_reopened_study_ceiling_counts_from_the_late_instance(
     assert len(infer_jobs(db)) == 1
 
 
+def tick_racing_an_arrival(
+    db: Database,
+    cfg: NodeConfig,
+    feed: Feed,
+    monkeypatch: pytest.MonkeyPatch,
+    study: str,
+    series: str,
+    *,
+    arrives: float,
+    now: float,
+) -> tuple[TickReport, str]:
+    """One pass at ``now`` during which the receiver commits an instance (received at
+    ``arrives``) between the scheduler's read and its write; returns its SOP UID too."""
+    real = scheduler._series_of
+    late: list[str] = []
+
+    def racing(db_: Database, uid: str) -> list[Any]:
+        out = real(db_, uid)
+        late.append(feed.add(study, series, arrives))
+        return out
+
+    monkeypatch.setattr(scheduler, "_series_of", racing)
+    report = tick(db, cfg, now=now)
+    monkeypatch.setattr(scheduler, "_series_of", real)
+    return report, late[0]
+
+
 def test_instance_arriving_during_a_pass_is_not_lost(
     db: Database, cfg: NodeConfig, feed: Feed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The receiver commits an instance between the scheduler's read and its write."""
     study = generate_uid()
     series, _ = feed.series(study, 2, T0)
-    real = scheduler._series_of
-    late: list[str] = []
-
-    def racing(db_: Database, uid: str) -> list[Any]:
-        out = real(db_, uid)
-        late.append(feed.add(study, series, T0 + STABLE + 0.5))
-        return out
-
-    monkeypatch.setattr(scheduler, "_series_of", racing)
-    report = tick(db, cfg, now=T0 + STABLE + 1)
-    monkeypatch.setattr(scheduler, "_series_of", real)
+    report, late = tick_racing_an_arrival(
+        db, cfg, feed, monkeypatch, study, series, arrives=T0 + STABLE + 0.5, now=T0 + STABLE + 1
+    )
     assert report.skipped_changed == [study] and infer_jobs(db) == []
     assert study_row(db, study).state == StudyState.RECEIVING
 
     report = tick(db, cfg, now=T0 + 2 * STABLE + 1)
     (job,) = infer_jobs(db)
-    assert late[0] in job.payload["sop_instance_uids"]
+    assert late in job.payload["sop_instance_uids"]
     assert len(job.payload["sop_instance_uids"]) == 3
 
 
@@ -428,23 +447,15 @@ def test_forced_study_changed_during_a_pass_is_finished_and_taken_again(
     series = generate_uid()
     feed.add(study, series, T0)
     feed.add(study, series, T0 + FORCE)  # still arriving at the ceiling
-    real = scheduler._series_of
-    late: list[str] = []
-
-    def racing(db_: Database, uid: str) -> list[Any]:
-        out = real(db_, uid)
-        late.append(feed.add(study, series, T0 + FORCE + 0.5))
-        return out
-
-    monkeypatch.setattr(scheduler, "_series_of", racing)
-    report = tick(db, cfg, now=T0 + FORCE + 1)
-    monkeypatch.setattr(scheduler, "_series_of", real)
+    report, late = tick_racing_an_arrival(
+        db, cfg, feed, monkeypatch, study, series, arrives=T0 + FORCE + 0.5, now=T0 + FORCE + 1
+    )
     assert report.scheduled == [study] and len(infer_jobs(db)) == 1
-    assert late[0] not in infer_jobs(db)[0].payload["sop_instance_uids"]
+    assert late not in infer_jobs(db)[0].payload["sop_instance_uids"]
     # The instance that came in during the pass is a late arrival: its own run follows.
     report = tick(db, cfg, now=T0 + FORCE + STABLE + 2)
     assert len(report.jobs_created) == 1
-    assert late[0] in infer_jobs(db)[1].payload["sop_instance_uids"]
+    assert late in infer_jobs(db)[1].payload["sop_instance_uids"]
 
 
 def test_infer_key_depends_on_input_and_version_not_order() -> None:
