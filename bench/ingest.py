@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from node.ops.synthetic import ct_series, write_series  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.peers import stop_process, wait_port  # noqa: E402
+from tests.peers import running  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -58,19 +58,13 @@ def airnode(work: Path, processes: int) -> Iterator[tuple[int, str]]:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    proc = subprocess.Popen(
+    with running(
         [sys.executable, "-m", "node.ops.cli", "receive", "--config", str(cfg)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "airnode.log").open("wb"),
-        start_new_session=True,
-    )
-    try:
-        wait_port(port, 60, proc)
+        work / "airnode.log",
+        ready_port=port,
+    ):
         time.sleep(0.5 * processes)  # every process listening
         yield port, "AIRNODE"
-    finally:
-        stop_process(proc, 30, group=True)
 
 
 @contextlib.contextmanager
@@ -78,18 +72,13 @@ def storescp(work: Path, processes: int) -> Iterator[tuple[int, str]]:
     port = free_port()
     out = work / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(
+    with running(
         ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+        work / "storescp.log",
+        ready_port=port,
         env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_port(port, 60, proc)
+    ):
         yield port, "STORESCP"
-    finally:
-        stop_process(proc, 30, group=True)
 
 
 @contextlib.contextmanager
@@ -114,17 +103,8 @@ def orthanc(work: Path, processes: int) -> Iterator[tuple[int, str]]:
             }
         )
     )
-    proc = subprocess.Popen(
-        ["/usr/sbin/Orthanc", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "orthanc.log").open("wb"),
-        start_new_session=True,
-    )
-    try:
-        wait_port(port, 60, proc)
+    with running(["/usr/sbin/Orthanc", str(cfg)], work / "orthanc.log", ready_port=port):
         yield port, "ORTHANC"
-    finally:
-        stop_process(proc, 30, group=True)
 
 
 Receiver = Callable[[Path, int], contextlib.AbstractContextManager[tuple[int, str]]]

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -75,13 +75,23 @@ def stop_process(
 
 @contextmanager
 def running(
-    cmd: Sequence[str], log_path: Path, *, ready_port: int, timeout: float = 60.0
+    cmd: Sequence[str],
+    log_path: Path,
+    *,
+    ready_port: int,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``cmd`` as a subprocess (own session, output to ``log_path``), yielded once
     ``ready_port`` listens; whatever still runs at the end is stopped here."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else dict(env),
         )
         try:
             try:
