@@ -29,14 +29,11 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from node.ops.demo import demo_studies  # noqa: E402
 from node.ops.synthetic import write_series  # noqa: E402
 from node.store.db import Database, Instance, Job, JobKind, JobStatus  # noqa: E402
+from tests.peers import running  # noqa: E402
 
 PHASES = ("queue", "load", "preprocess", "inference", "postprocess", "encode", "store", "send")
 
@@ -57,38 +55,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-@contextmanager
-def process(cmd: list[str], log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
-        )
-        try:
-            wait_port(port, proc)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
 
 
 def write_config(path: Path, data_dir: Path, packages: Path, port: int, pacs: int) -> None:
@@ -272,12 +238,18 @@ def main() -> None:
     (tmp / "pacs").mkdir()
     rows: dict[str, dict[str, Any]] = {}
     with (
-        process(
+        running(
             [storescp, "-aet", "PACS", "-od", str(tmp / "pacs"), "+uf", "+xa", str(pacs_port)],
             tmp / "storescp.log",
-            pacs_port,
+            ready_port=pacs_port,
+            timeout=90,
         ),
-        process([str(airnode), "serve", "--config", str(cfg)], tmp / "airnode.log", node_port),
+        running(
+            [str(airnode), "serve", "--config", str(cfg)],
+            tmp / "airnode.log",
+            ready_port=node_port,
+            timeout=90,
+        ),
     ):
         db = Database(f"sqlite:///{tmp / 'data' / 'airnode.sqlite'}")
         for name, files in studies.items():

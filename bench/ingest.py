@@ -34,8 +34,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from node.ops.synthetic import ct_series, dx_image, write_series  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.peers import running  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 #: Below this, one association of ~0.5 MB images is Nagle-bound (delayed ACKs, ~40 ms each).
@@ -73,79 +73,47 @@ class Peer:
     proc: subprocess.Popen[bytes]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"receiver exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("receiver did not open its port")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @contextlib.contextmanager
 def airnode(work: Path, processes: int) -> Iterator[Peer]:
-    port = _free_port()
+    port = free_port()
     cfg = work / "airnode.toml"
     cfg.write_text(
         f'[node]\nae_title = "AIRNODE"\nport = {port}\ndata_dir = "{work / "data"}"\n'
         f'receiver_processes = {processes}\nlog_level = "WARNING"\n'
         "[security]\nmax_associations = 64\nmax_associations_per_host = 64\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "node.ops.cli", "receive", "--config", str(cfg)],
+    subprocess.run(
+        [sys.executable, "-m", "node.ops.cli", "db", "upgrade", "--config", str(cfg)],
         cwd=ROOT,
+        check=True,
         stdout=subprocess.DEVNULL,
-        stderr=(work / "airnode.log").open("wb"),
-        start_new_session=True,
     )
-    try:
-        _wait_port(port, proc)
+    with running(
+        [sys.executable, "-m", "node.ops.cli", "receive", "--config", str(cfg)],
+        work / "airnode.log",
+        ready_port=port,
+    ) as proc:
         time.sleep(0.5 * processes)  # every process listening
         yield Peer(port, "AIRNODE", proc)
-    finally:
-        _stop(proc)
 
 
 @contextlib.contextmanager
 def storescp(work: Path, processes: int) -> Iterator[Peer]:
-    port = _free_port()
+    port = free_port()
     out = work / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(
+    with running(
         ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+        work / "storescp.log",
+        ready_port=port,
         env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait_port(port, proc)
+    ) as proc:
         yield Peer(port, "STORESCP", proc)
-    finally:
-        _stop(proc)
 
 
 @contextlib.contextmanager
 def orthanc(work: Path, processes: int) -> Iterator[Peer]:
-    port, http = _free_port(), _free_port()
+    port, http = free_port(), free_port()
     storage = work / "orthanc"
     storage.mkdir()
     cfg = work / "orthanc.json"
@@ -165,18 +133,10 @@ def orthanc(work: Path, processes: int) -> Iterator[Peer]:
             }
         )
     )
-    proc = subprocess.Popen(
-        ["/usr/sbin/Orthanc", str(cfg)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "orthanc.log").open("wb"),
-        start_new_session=True,
-    )
-    try:
-        _wait_port(port, proc)
+    with running(
+        ["/usr/sbin/Orthanc", str(cfg)], work / "orthanc.log", ready_port=port, env=ENV
+    ) as proc:
         yield Peer(port, "ORTHANC", proc)
-    finally:
-        _stop(proc)
 
 
 Receiver = Callable[[Path, int], contextlib.AbstractContextManager[Peer]]

@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,8 +67,10 @@ __all__ = [
     "ModelPackage",
     "ModelSpec",
     "OutputSpec",
+    "discover_packages",
     "find_packages",
     "load_package",
+    "select_package",
     "write_manifest",
 ]
 
@@ -276,13 +279,18 @@ def _version_key(version: str) -> tuple[tuple[int, str], ...]:
     return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+]", version))
 
 
-def find_packages(dirs: list[Path] | tuple[Path, ...] | list[str]) -> dict[str, ModelPackage]:
-    """Discover packages in ``dirs`` (each a package or a folder of packages).
+def discover_packages(
+    dirs: Sequence[Path | str],
+) -> dict[str, dict[str, ModelPackage]]:
+    """Every valid package in ``dirs`` (each a package or a folder of packages).
 
-    Invalid packages are logged and skipped so that one bad folder does not stop a
-    worker; when two packages share a name, the higher version wins.
+    Returns model name → version → package.  This is the one place that reads the
+    model dirs: the scheduler (which version a job asks for) and the worker (which
+    package it loads) both call it, so they cannot disagree.  Invalid packages are
+    logged and skipped so that one bad folder does not stop a stage.  The same name
+    and version in two dirs is one package: the earlier dir's copy is kept.
     """
-    found: dict[str, ModelPackage] = {}
+    found: dict[str, dict[str, ModelPackage]] = {}
     for d in dirs:
         base = Path(d)
         if not base.is_dir():
@@ -301,10 +309,43 @@ def find_packages(dirs: list[Path] | tuple[Path, ...] | list[str]) -> dict[str, 
             except ManifestError as exc:
                 log.warning("skipping model package: %s", exc)
                 continue
-            old = found.get(pkg.name)
-            if old is None or _version_key(pkg.version) > _version_key(old.version):
-                found[pkg.name] = pkg
+            versions = found.setdefault(pkg.name, {})
+            if pkg.version in versions:
+                log.warning(
+                    "model %s %s is in %s and %s; using the first",
+                    pkg.name,
+                    pkg.version,
+                    versions[pkg.version].path,
+                    pkg.path,
+                )
+                continue
+            versions[pkg.version] = pkg
     return found
+
+
+def select_package(
+    versions: Mapping[str, ModelPackage], version: str | None = None
+) -> ModelPackage | None:
+    """The package to run: ``version`` when given (a route's pin), else the highest.
+
+    Versions compare part by part, numerically where a part is a number
+    (``1.10.0`` > ``1.9.2``); ``None`` when no package fits.
+    """
+    if version is not None:
+        return versions.get(version)
+    if not versions:
+        return None
+    return versions[max(versions, key=_version_key)]
+
+
+def find_packages(dirs: Sequence[Path | str]) -> dict[str, ModelPackage]:
+    """Model name → the package that runs when no version is pinned (the highest)."""
+    out: dict[str, ModelPackage] = {}
+    for name, versions in discover_packages(dirs).items():
+        pkg = select_package(versions)
+        if pkg is not None:
+            out[name] = pkg
+    return out
 
 
 def _toml_value(value: Any) -> str:

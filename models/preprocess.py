@@ -219,7 +219,7 @@ def _voi_lut_sequence(values: FloatArray, ds: Dataset) -> FloatArray:
     stored = np.rint(values).astype(np.int64)  # a LUT is indexed by integer values
     out = np.asarray(apply_voi_lut(stored, ds, index=0, prefer_lut=True), dtype=np.float32)
     bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-    return np.clip(out / np.float32(2**bits - 1), 0.0, 1.0)
+    return np.asarray(np.clip(out / np.float32(2**bits - 1), 0.0, 1.0), dtype=np.float32)
 
 
 def normalise(
@@ -243,7 +243,7 @@ def to_channels(image: FloatArray, channels: int) -> FloatArray:
         if channels == 1:
             weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)[: image.shape[2]]
             grey = (image * weights).sum(axis=2) / weights.sum()
-            return grey[np.newaxis].astype(np.float32)
+            return np.asarray(grey, dtype=np.float32)[np.newaxis]
         if image.shape[2] == channels:
             return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
         raise ValueError(f"cannot map {image.shape[2]} samples to {channels} channels")

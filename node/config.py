@@ -116,7 +116,7 @@ class SecurityConfig(_Model):
 
 
 class DestinationConfig(_Model):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)  # the jobs.destination column
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -140,10 +140,14 @@ class RouteConfig(_Model):
     of the form ``"re:PATTERN"`` (regular expression, searched case-insensitively).
     All keys must match (AND); several routes may fire for one series.  An OR of
     conditions is written as several routes naming the same model.
+
+    ``model_version`` pins the route to one installed version of ``model``; without
+    it the highest installed version runs (see ``models.package.select_package``).
     """
 
     name: str = Field(min_length=1)
     model: str = Field(min_length=1)
+    model_version: str | None = Field(default=None, min_length=1, max_length=64)
     match: dict[str, MatchValue] = Field(default_factory=dict)
     send_to: list[str] = Field(default_factory=list)
 

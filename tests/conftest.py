@@ -31,6 +31,20 @@ def port() -> int:
     return free_port()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def anydb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated job table on SQLite and, where a server can be had, on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'sub' / 'dir' / 'db.sqlite'}"  # parents are created
+    else:
+        url = request.getfixturevalue("pg_url")
+    database = init_db(url)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[Database]:
     database = init_db(f"sqlite:///{tmp_path / 'airnode.sqlite'}")

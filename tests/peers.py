@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,14 @@ MM3 = {"value": "mm3", "scheme": "UCUM", "meaning": "cubic millimeter"}
 # ----------------------------------------------------------------------- processes
 
 
-def wait_port(port: int, timeout: float = 15.0) -> None:
+def wait_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until something listens on 127.0.0.1:``port``; fails early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
         with socket.socket() as s:
             s.settimeout(0.2)
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -48,15 +53,76 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL if it is still there after ``timeout``; returns the exit code."""
+def stop_process(
+    proc: subprocess.Popen[bytes], timeout: float = 5.0, *, group: bool = False
+) -> int:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout``; returns the exit code.
+
+    ``group``: the SIGKILL goes to the process group (a process started with
+    ``start_new_session=True`` and its children).
+    """
     if proc.poll() is None:
         proc.terminate()
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
         return proc.wait(timeout=5)
+
+
+@contextmanager
+def running(
+    cmd: Sequence[str],
+    log_path: Path,
+    *,
+    ready_port: int,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``cmd`` as a subprocess (own session, output to ``log_path``), yielded once
+    ``ready_port`` listens; whatever still runs at the end is stopped here."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            list(cmd),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else dict(env),
+        )
+        try:
+            try:
+                wait_port(ready_port, timeout, proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}: see {log_path}") from None
+            yield proc
+        finally:
+            stop_process(proc, 20.0, group=True)
+
+
+@contextmanager
+def logging_process(cmd: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
+    """``cmd`` with its stderr (its log) piped as text; killed at the end if still up.
+
+    The test stops it with :func:`stop_and_read` to check its exit code and log.
+    """
+    proc = subprocess.Popen(list(cmd), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+
+def stop_and_read(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """SIGTERM ``proc``, wait for it to exit, and return its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return err
 
 
 # Kept under its old name for the sender tests.
@@ -213,43 +279,23 @@ def airnode_serve(
     The test may stop it itself (and check the exit code); whatever is still running
     at the end is stopped here.
     """
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
     script = Path(sys.executable).with_name("airnode")
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "node.ops.cli"]
-    proc = subprocess.Popen(
-        [*cmd, "serve", "--config", str(config)],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as s:
-                s.settimeout(0.2)
-                if s.connect_ex(("127.0.0.1", ready_port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"airnode serve did not start: see {log_path}")
-            time.sleep(0.1)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        log.close()
+    with running([*cmd, "serve", "--config", str(config)], log_path, ready_port=ready_port) as p:
+        yield p
 
 
 # ------------------------------------------------------------------- model packages
 
 
 def _manifest(
-    name: str, task: str, arch: str, size: int, window: tuple[float, float], **extra: Any
+    name: str,
+    task: str,
+    arch: str,
+    size: int,
+    window: tuple[float, float],
+    version: str = "0.0.1",
+    **extra: Any,
 ) -> dict[str, Any]:
     cls = task == "classification"
     label: dict[str, Any] = {
@@ -264,7 +310,7 @@ def _manifest(
     return {
         "model": {
             "name": name,
-            "version": "0.0.1",
+            "version": version,
             "device_uid": "2.25.1234567890" + ("1" if cls else "2"),
             "task": task,
             "arch": arch,
@@ -281,7 +327,7 @@ def _manifest(
     }
 
 
-def fake_packages(root: Path, size: int = 64) -> Path:
+def fake_packages(root: Path, size: int = 64, version: str = "0.0.1") -> Path:
     """Manifest-only ``cxr-nodule`` and ``ct-lesion`` packages for the ``fake`` backend."""
     from models.package import write_manifest
 
@@ -290,7 +336,7 @@ def fake_packages(root: Path, size: int = 64) -> Path:
         ("ct-lesion", "segmentation", "unet2d", (40.0, 400.0)),
     ):
         pkg = root / name
-        write_manifest(pkg, _manifest(name, task, arch, size, window))
+        write_manifest(pkg, _manifest(name, task, arch, size, window, version))
         (pkg / "model.onnx").write_bytes(b"not read by the fake backend")
     return root
 

@@ -203,7 +203,7 @@ _KEYS = ("path", "sop_instance_uid", "series_instance_uid", "study_instance_uid"
 
 def _read_mask_file(path: Path) -> npt.NDArray[np.uint8]:
     if path.suffix == ".npy":
-        return (np.load(path) > 0).astype(np.uint8)
+        return np.asarray(np.load(path) > 0, dtype=np.uint8)
     from PIL import Image
 
     with Image.open(path) as im:

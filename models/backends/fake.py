@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.backends.base import Backend, Outputs
+from models.checks import at_least
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -26,10 +27,18 @@ class FakeBackend(Backend):
     name = "fake"
     device = "cpu"
 
-    def __init__(self, gain: float = 10.0, stride: int = 4, sigma: float = 1.5) -> None:
+    def __init__(
+        self,
+        gain: float = 10.0,
+        stride: int = 4,
+        sigma: float = 1.5,
+        device_index: int | None = None,
+    ) -> None:
         super().__init__()
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+        # Computes on the CPU; records the GPU it was given, as a real backend uses it.
+        self.device_index = device_index
+        self.device = "cpu" if device_index is None else f"cuda:{device_index}"
+        at_least(1, stride=stride)
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.gain = gain

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.backends.base import Backend, BackendError, Outputs
+from models.checks import at_least
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -38,12 +39,19 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, device: str = "auto", intra_op_threads: int = 0, spin: bool = False) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        intra_op_threads: int = 0,
+        spin: bool = False,
+        device_index: int | None = None,
+    ) -> None:
         super().__init__()
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-        if intra_op_threads < 0:
-            raise ValueError(f"intra_op_threads must be >= 0, got {intra_op_threads}")
+        at_least(0, device_index=device_index)
+        self.device_index = device_index
+        at_least(0, intra_op_threads=intra_op_threads)
         self._want = device
         self.device = "cpu" if device == "auto" else device
         self.intra_op_threads = intra_op_threads
@@ -61,9 +69,9 @@ class OnnxRuntimeBackend(Backend):
         use_cuda = self._want == "cuda" or (self._want == "auto" and cuda_available())
         if self._want == "cuda" and not cuda_available():
             raise BackendError("onnxruntime backend: CUDAExecutionProvider is not available")
-        providers: list[str] = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
         if use_cuda:
-            providers.insert(0, "CUDAExecutionProvider")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_index or 0}))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -80,7 +88,8 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(
                 f"onnxruntime backend: cannot load {package.onnx_path}: {first}"
             ) from exc
-        self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
+        on_gpu = "CUDAExecutionProvider" in self._session.get_providers()
+        self.device = f"cuda:{self.device_index or 0}" if on_gpu else "cpu"
         self._input = self._session.get_inputs()[0].name
         self._names = [o.name for o in self._session.get_outputs()]
         self._package = package

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.backends.base import Backend, BackendError, Outputs
+from models.checks import at_least
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -28,16 +29,26 @@ def cuda_available() -> bool:
 
 
 class TorchBackend(Backend):
-    """``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``"auto"``."""
+    """``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``"auto"``.
+
+    ``device_index`` picks the GPU that ``"auto"`` and ``"cuda"`` use.
+    """
 
     name = "torch"
 
-    def __init__(self, device: str = "auto", half: bool = False, threads: int = 0) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        half: bool = False,
+        threads: int = 0,
+        device_index: int | None = None,
+    ) -> None:
         super().__init__()
+        at_least(0, device_index=device_index)
+        self.device_index = device_index
         if not (device in ("auto", "cpu") or device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-        if threads < 0:
-            raise ValueError(f"threads must be >= 0, got {threads}")
+        at_least(0, threads=threads)
         self._want = device
         self.device = "cpu" if device == "auto" else device
         self.half = half
@@ -57,6 +68,8 @@ class TorchBackend(Backend):
         device = self._want
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.device_index is not None:
+            device = f"cuda:{self.device_index}"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError("torch backend: CUDA is not available")
         if self.threads:

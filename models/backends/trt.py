@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.backends.base import Backend, BackendError, Outputs
+from models.checks import at_least
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -103,10 +104,8 @@ class TensorRTBackend(Backend):
         workspace_bytes: int = 2 << 30,
     ) -> None:
         super().__init__()
-        if device_index < 0:
-            raise ValueError(f"device_index must be >= 0, got {device_index}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        at_least(0, device_index=device_index)
+        at_least(1, max_batch=max_batch)
         if not 1 <= opt_batch <= max_batch:
             raise ValueError(f"opt_batch must be in 1..max_batch, got {opt_batch}")
         self.device_index = device_index

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.checks import at_least
+
 __all__ = ["CamHead"]
 
 
@@ -26,10 +28,7 @@ class CamHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
-        if in_features < 1:
-            raise ValueError(f"in_features must be >= 1, got {in_features}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        at_least(1, in_features=in_features, num_classes=num_classes)
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.checks import at_least
 from models.nets._cam import CamHead
 
 __all__ = ["DenseNet", "DenseNet121"]
@@ -59,16 +60,14 @@ class DenseNet(nn.Module):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-        if growth_rate < 1:
-            raise ValueError(f"growth_rate must be >= 1, got {growth_rate}")
-        if num_init_features < 1:
-            raise ValueError(f"num_init_features must be >= 1, got {num_init_features}")
-        if bn_size < 1:
-            raise ValueError(f"bn_size must be >= 1, got {bn_size}")
+        at_least(
+            1,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            growth_rate=growth_rate,
+            num_init_features=num_init_features,
+            bn_size=bn_size,
+        )
         if not block_config or any(n < 1 for n in block_config):
             raise ValueError(f"block_config must be positive layer counts, got {block_config}")
         if not 0.0 <= drop_rate < 1.0:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from models.checks import at_least
 from models.nets._cam import CamHead
 
 __all__ = ["ResNet", "ResNet18", "ResNet50"]
@@ -35,7 +36,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
+        y: Tensor = self.relu(out + self.downsample(x))
+        return y
 
 
 class Bottleneck(nn.Module):
@@ -61,7 +63,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + self.downsample(x))
+        y: Tensor = self.relu(out + self.downsample(x))
+        return y
 
 
 class ResNet(nn.Module):
@@ -76,12 +79,7 @@ class ResNet(nn.Module):
         base_width: int = 64,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-        if base_width < 1:
-            raise ValueError(f"base_width must be >= 1, got {base_width}")
+        at_least(1, num_classes=num_classes, in_channels=in_channels, base_width=base_width)
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {list(layers)}")
         self.num_classes = num_classes

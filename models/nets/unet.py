@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from models.checks import at_least
+
 __all__ = ["UNet2D"]
 
 
@@ -30,12 +32,10 @@ class UNet2D(nn.Module):
         self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 32, depth: int = 4
     ) -> None:
         super().__init__()
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        at_least(1, in_channels=in_channels)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + one), got {num_classes}")
-        if base_channels < 1:
-            raise ValueError(f"base_channels must be >= 1, got {base_channels}")
+        at_least(1, base_channels=base_channels)
         if not 1 <= depth <= 6:
             raise ValueError(f"depth must be in 1..6, got {depth}")
         self.in_channels = in_channels

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from types import FrameType
-
 from node.config import NodeConfig
-from node.deliver.sender import CRASH_HOOK_ENV, Sender
+from node.deliver.sender import Sender
+from node.runtime import start_stage
 
-__all__ = ["CRASH_HOOK_ENV", "Sender", "run"]
+__all__ = ["Sender", "run"]
 
 
-def run(cfg: NodeConfig) -> None:
+def run(cfg: NodeConfig, replica: int = 0) -> None:
     """Run the sender until SIGTERM or SIGINT (called by ``airnode send``)."""
-    from node.logs import configure_logging
-    from node.store.db import init_db
-
-    configure_logging(
-        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage="sender"
-    )
-    db = init_db(cfg.node.resolved_database_url)
-    stop = threading.Event()
-
-    def _stop(_sig: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stage = start_stage(cfg, "sender", replica)
+    db = stage.open_db()
     try:
-        Sender(cfg, db).run(stop)
+        Sender(cfg, db).run(stage.stopping)
     finally:
         db.dispose()

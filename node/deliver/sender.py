@@ -1,8 +1,8 @@
 """Delivery of result objects to DICOM destinations (C-STORE SCU), with retries.
 
 Each destination has its own thread that claims only that destination's ``send`` jobs
-(``extra_where`` on the job payload), so a destination that is down, slow or refusing
-never holds up the others: its jobs back off while the rest flow. Due jobs are sent
+(``extra_where`` on the job's ``destination`` column), so a destination that is down,
+slow or refusing never holds up the others: its jobs back off while the rest flow. Due jobs are sent
 in batches, one association per destination batch.
 
 Negotiation (PS3.8 Section 9.3.2.2): each SOP class is proposed with the file's own
@@ -18,7 +18,6 @@ connection, abort, timeout and transient rejection retry; a permanent rejection
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association, build_context
+from sqlalchemy import or_
 
 from node.config import DestinationConfig, NodeConfig
 from node.deliver.status import Outcome, classify, describe
@@ -38,14 +38,11 @@ from node.logs import uid_tag
 from node.store import jobs
 from node.store.db import AuditEvent, Database, Job, JobKind, JobStatus, now
 from node.store.outbox import cleanup
+from node.store.payloads import PayloadError, SendPayload
 
-__all__ = ["CRASH_HOOK_ENV", "Sender"]
+__all__ = ["Sender"]
 
 log = logging.getLogger(__name__)
-
-#: Test hook: when set, the process exits right after the first successful C-STORE and
-#: before the job is marked done, to prove that a crash there leads to a resend.
-CRASH_HOOK_ENV = "AIRNODE_TEST_CRASH_AFTER_STORE"
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -57,7 +54,7 @@ class _Item:
 
 
 def _destination_of(name: str) -> Any:
-    return Job.payload["destination"].as_string() == name
+    return Job.destination == name
 
 
 class Sender:
@@ -83,11 +80,7 @@ class Sender:
         self.poll_s = poll_s
         self.outbox = Path(cfg.node.outbox_dir)
         self.lease_s = cfg.send.lease_s
-        self.policy = jobs.RetryPolicy(
-            max_attempts=cfg.send.max_attempts,
-            base_delay_s=cfg.send.base_delay_s,
-            max_delay_s=max(cfg.send.max_delay_s, cfg.send.base_delay_s),
-        )
+        self.policy = jobs.retry_policies(cfg.send)[JobKind.SEND]
 
     # -- claiming -------------------------------------------------------------------
 
@@ -113,14 +106,12 @@ class Sender:
         status = jobs.fail(
             self.db, job, self._owner(dest), reason, self.policy, transient=transient
         )
-        uid = str(job.payload.get("sop_instance_uid", ""))
+        uid = job.result_sop_instance_uid or ""
         level = logging.WARNING if status == JobStatus.DEAD else logging.INFO
         log.log(level, "send %s to %s: %s → %s", uid_tag(uid), dest.name, reason, status)
 
     def _done(self, dest: DestinationConfig, job: Job, status: int) -> None:
-        uid = str(job.payload.get("sop_instance_uid", ""))
-        if os.environ.get(CRASH_HOOK_ENV):
-            os._exit(70)  # simulated crash: stored at the peer, job not yet done
+        uid = job.result_sop_instance_uid or ""
         if not jobs.complete(self.db, job.id, self._owner(dest)):
             log.warning("send %s to %s: lease lost before completion", uid_tag(uid), dest.name)
             return
@@ -142,7 +133,11 @@ class Sender:
     def _load(self, dest: DestinationConfig, batch: list[Job]) -> list[_Item]:
         items: list[_Item] = []
         for job in batch:
-            rel = str(job.payload.get("path", ""))
+            try:
+                rel = SendPayload.of(job).path
+            except PayloadError as exc:
+                self._fail(dest, job, str(exc), transient=False)
+                continue
             path = self.outbox / rel
             try:
                 ds = dcmread(path)
@@ -290,17 +285,19 @@ class Sender:
                 JobKind.SEND,
                 self.owner,
                 self.lease_s,
-                extra_where=[Job.payload["destination"].as_string().not_in(names)],
+                extra_where=[or_(Job.destination.is_(None), Job.destination.not_in(names))],
             )
             if job is None:
                 return n
-            reason = f"unknown destination {job.payload.get('destination')!r} (not in config)"
+            reason = f"unknown destination {job.destination!r} (not in config)"
             jobs.fail(self.db, job, self.owner, reason, self.policy, transient=False)
             n += 1
 
     def housekeeping(self) -> None:
-        """Return expired leases, end jobs for unknown destinations, prune the outbox."""
-        jobs.reap_expired(self.db, self.policy)
+        """End jobs for unknown destinations, prune the outbox.
+
+        Expired leases are the scheduler's reaper's (:func:`node.store.jobs.reap_expired`).
+        """
         self.fail_unknown_destinations()
         removed = cleanup(self.db, self.outbox)
         if removed:

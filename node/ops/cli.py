@@ -29,6 +29,16 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML configuration file (default: embedded defaults)."),
 ]
+ReplicaOpt = Annotated[
+    int,
+    typer.Option(
+        "--replica",
+        min=0,
+        help="Index of this copy of the stage (a worker runs on GPU replica % visible GPUs).",
+    ),
+]
+
+db_app = typer.Typer(no_args_is_help=True)
 
 
 def _config(path: Path | None) -> NodeConfig:
@@ -80,11 +90,11 @@ def schedule(config: ConfigOpt = None) -> None:
 
 
 @app.command()
-def work(config: ConfigOpt = None) -> None:
-    """Start one inference worker (one per GPU)."""
+def work(config: ConfigOpt = None, replica: ReplicaOpt = 0) -> None:
+    """Start one inference worker (one per GPU: --replica picks the GPU)."""
     from node.work.worker import run
 
-    run(_config(config))
+    run(_config(config), replica)
 
 
 @app.command()
@@ -93,6 +103,40 @@ def send(config: ConfigOpt = None) -> None:
     from node.deliver import run
 
     run(_config(config))
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Migrate the database to the schema this airnode needs (serve does it at start)."""
+    from node.store.db import init_db, schema_revision
+
+    cfg = _config(config)
+    try:
+        db = init_db(cfg.node.resolved_database_url)
+    except Exception as exc:  # one line; the URL may hold a password, so not echoed
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise UserError(f"cannot migrate the database: {type(exc).__name__}: {first}") from None
+    try:
+        typer.echo(f"database schema is at {schema_revision(db)}")
+    finally:
+        db.dispose()
+
+
+@db_app.command("revision")
+def db_revision(config: ConfigOpt = None) -> None:
+    """Show the database's schema revision and the one this airnode needs."""
+    from node.store.db import Database, head_revision, schema_revision
+
+    cfg = _config(config)
+    db = Database(cfg.node.resolved_database_url)
+    try:
+        at = schema_revision(db)
+    finally:
+        db.dispose()
+    need = head_revision()
+    typer.echo(f"database schema is at {at or 'none'}, this airnode needs {need}")
+    if at != need:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -162,6 +206,7 @@ def _register_optional() -> None:
     from node.ops.studies_cli import app as studies_app
 
     app.add_typer(jobs_app, name="jobs", help="List, inspect, retry and cancel jobs.")
+    app.add_typer(db_app, name="db", help="Database schema: upgrade, revision.")
     app.add_typer(
         studies_app, name="studies", help="List studies; have their routes evaluated again."
     )

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from node.config import ConfigError, load_config
 from node.errors import UserError
 from node.store import jobs
-from node.store.db import Database, Job, JobKind, JobStatus, init_db
+from node.store.db import Database, Job, JobKind, JobStatus, open_db
 
 app = typer.Typer(no_args_is_help=True)
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML configuration.")]
@@ -27,7 +27,7 @@ def _db(config: Path | None) -> Database:
         cfg = load_config(config)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    return init_db(cfg.node.resolved_database_url)
+    return open_db(cfg.node.resolved_database_url)  # never migrates: `airnode db upgrade`
 
 
 def _ts(t: float | None) -> str:
@@ -67,7 +67,7 @@ def list_jobs(
         return
     table = Table("id", "kind", "status", "attempts", "model / destination", "updated", "error")
     for j in rows:
-        target = str(j.payload.get("model") or j.payload.get("destination") or "")
+        target = j.destination or str(j.payload.get("model") or "")  # shown even if invalid
         table.add_row(
             str(j.id),
             str(j.kind),

@@ -51,7 +51,7 @@ from types import FrameType
 from typing import Any
 
 from node.config import NodeConfig
-from node.logs import configure_logging
+from node.runtime import setup_logging
 
 __all__ = [
     "RestartPolicy",
@@ -66,7 +66,8 @@ __all__ = [
 
 log = logging.getLogger("airnode.supervisor")
 
-StageTarget = Callable[[NodeConfig], None] | str
+#: ``run(cfg, replica)``: the config and the replica index (0 .. replicas - 1).
+StageTarget = Callable[[NodeConfig, int], None] | str
 
 _PR_SET_PDEATHSIG = 1
 
@@ -77,7 +78,8 @@ class StageSpec:
 
     ``target`` is either ``"module:function"`` (imported inside the child, so the
     supervisor never imports a stage's heavy dependencies) or a picklable module-level
-    callable taking the config.
+    callable; either is called as ``target(cfg, replica)``, ``replica`` being the
+    process's index among the stage's copies (the worker turns it into its GPU).
     """
 
     name: str
@@ -124,7 +126,7 @@ class RestartPolicy:
 
     def delay(self, consecutive_crashes: int) -> float:
         """Seconds to wait before restart number ``consecutive_crashes`` (1-based)."""
-        return min(self.max_delay_s, self.base_delay_s * 2 ** max(0, consecutive_crashes - 1))
+        return min(self.max_delay_s, self.base_delay_s * 2.0 ** max(0, consecutive_crashes - 1))
 
 
 def default_stages(cfg: NodeConfig) -> list[StageSpec]:
@@ -152,23 +154,23 @@ def _set_pdeathsig() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _child_main(name: str, target: StageTarget, cfg: NodeConfig, parent_pid: int) -> None:
+def _child_main(
+    name: str, target: StageTarget, cfg: NodeConfig, parent_pid: int, replica: int = 0
+) -> None:
     """Entry point of a stage process (runs in a freshly spawned interpreter)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _set_pdeathsig()
     if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
         sys.exit(0)
-    configure_logging(
-        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage=name
-    )
+    setup_logging(cfg, name)  # until the stage's own start_stage, for import errors
     try:
         if isinstance(target, str):
             mod_name, _, fn_name = target.partition(":")
             fn = getattr(importlib.import_module(mod_name), fn_name)
         else:
             fn = target
-        fn(cfg)
+        fn(cfg, replica)
     except Exception:
         # Through logging (JSON when configured), not multiprocessing's bare traceback.
         log.critical("stage %s crashed", name, exc_info=True)
@@ -305,16 +307,11 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         proc = self._ctx.Process(
             target=_child_main,
-            args=(slot.name, slot.spec.target, self.cfg, os.getpid()),
+            args=(slot.name, slot.spec.target, self.cfg, os.getpid(), slot.index),
             name=f"airnode-{slot.name}",
             daemon=False,  # stages may start their own processes
         )
-        if slot.spec.replicas > 1:
-            os.environ["AIRNODE_STAGE_INDEX"] = str(slot.index)
-        try:
-            proc.start()
-        finally:
-            os.environ.pop("AIRNODE_STAGE_INDEX", None)
+        proc.start()
         slot.process = proc
         slot.started_at = time.time()
         log.info("stage %s started (pid %s)", slot.name, proc.pid)
@@ -415,13 +412,7 @@ def run(
     """
     from node.store.db import init_db
 
-    configure_logging(
-        cfg.node.log_level,
-        json_lines=cfg.node.log_json,
-        show_phi=cfg.node.log_phi,
-        stage="supervisor",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO is per-plugin chatter
+    setup_logging(cfg, "supervisor")
     url = cfg.node.resolved_database_url
     try:
         cfg.node.data_dir.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,8 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from node.config import NodeConfig, SecurityConfig, TlsConfig
 from node.logs import configure_logging, uid_tag
 from node.receive.spool import Spool, Status, StoreOutcome
-from node.store.db import init_db
+from node.runtime import start_stage
+from node.store.db import open_db
 
 __all__ = [
     "TRANSFER_SYNTAXES",
@@ -313,7 +314,7 @@ class Receiver:
         self.guard = guard or AssociationGuard(sec.max_associations, sec.max_associations_per_host)
         self.spool = Spool(
             cfg.node.spool_dir,
-            init_db(cfg.node.resolved_database_url),
+            open_db(cfg.node.resolved_database_url),
             min_free_bytes=sec.min_free_bytes,
             max_instance_bytes=sec.max_instance_bytes,
         )
@@ -473,16 +474,11 @@ def _serve_child(cfg: NodeConfig, counters: Any, index: int, processes: int) -> 
     receiver.stop()
 
 
-def run(cfg: NodeConfig) -> None:
+def run(cfg: NodeConfig, replica: int = 0) -> None:
     """``airnode receive``: reconcile the spool, listen until SIGTERM/SIGINT, stop cleanly."""
-    configure_logging(
-        cfg.node.log_level,
-        json_lines=cfg.node.log_json,
-        show_phi=cfg.node.log_phi,
-        stage="receiver",
-    )
+    stage = start_stage(cfg, "receiver", replica)
     sec = cfg.security
-    db = init_db(cfg.node.resolved_database_url)
+    db = stage.open_db()
     spool = Spool(
         cfg.node.spool_dir,
         db,
@@ -492,8 +488,7 @@ def run(cfg: NodeConfig) -> None:
     spool.reconcile()
     db.dispose()
     n = cfg.node.receiver_processes
-    stop = threading.Event()
-    _install_stop_handlers(stop)
+    stop = stage.stopping
     if n == 1:
         receiver = Receiver(cfg)
         host, port = receiver.start()

@@ -59,7 +59,7 @@ def _display(ds: Dataset) -> _Float:
     grey = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         grey = 1.0 - grey
-    return grey.astype(np.float32)
+    return np.asarray(grey, dtype=np.float32)
 
 
 def _resize(heat: _Float, rows: int, cols: int) -> _Float:

@@ -68,11 +68,15 @@ class RoutingError(ValueError):
 
 @dataclass(frozen=True)
 class RouteMatch:
-    """One rule that fired: run ``model`` and send its results to ``destinations``."""
+    """One rule that fired: run ``model`` and send its results to ``destinations``.
+
+    ``model_version`` is the route's pin, ``None`` for "the highest installed".
+    """
 
     route: str
     model: str
     destinations: tuple[str, ...]
+    model_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,9 @@ class Router:
         fired: list[RouteMatch] = []
         for route, conds in self._routes:
             if all(c.holds(attrs.get(c.key)) for c in conds):
-                fired.append(RouteMatch(route.name, route.model, tuple(route.send_to)))
+                fired.append(
+                    RouteMatch(route.name, route.model, tuple(route.send_to), route.model_version)
+                )
         return fired
 
     def explain(self, attrs: Mapping[str, AttrValue]) -> dict[str, str | None]:

@@ -21,30 +21,29 @@ the lease reaper (:func:`node.store.jobs.reap_expired`) every few seconds.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
-import tomllib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from sqlalchemy import and_, func, or_, select
 
+from models.package import ModelPackage, discover_packages, select_package
 from node.config import NodeConfig
 from node.errors import UserError
-from node.logs import configure_logging, uid_tag
+from node.logs import uid_tag
+from node.runtime import start_stage
 from node.schedule.routing import RouteMatch, Router, RoutingError, read_header
 from node.store import jobs
-from node.store.db import Database, Instance, JobKind, Study, StudyState, init_db
+from node.store.db import Database, Instance, JobKind, Study, StudyState
+from node.store.payloads import InferPayload
 
 __all__ = [
     "ModelVersionError",
     "TickReport",
     "infer_key",
-    "model_versions",
+    "installed_packages",
     "run",
     "tick",
 ]
@@ -58,6 +57,10 @@ _NOTE_MAX = 2000
 
 class ModelVersionError(LookupError):
     """A route names a model that no package in ``inference.model_dirs`` provides."""
+
+
+#: Model name → version → package (:func:`models.package.discover_packages`).
+Installed = dict[str, dict[str, ModelPackage]]
 
 
 @dataclass
@@ -74,42 +77,9 @@ class TickReport:
     reaped: int = 0
 
 
-def _manifest_identity(path: Path) -> tuple[str, str] | None:
-    """``(name, version)`` from a package's ``manifest.toml``, ``None`` if unusable."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        log.error("model manifest %s unreadable: %s", path, exc)
-        return None
-    model = data.get("model")
-    table: dict[str, object] = model if isinstance(model, dict) else data
-    name, version = table.get("name"), table.get("version")
-    if not isinstance(name, str) or not name or version is None or str(version) == "":
-        log.error("model manifest %s lacks [model] name or version", path)
-        return None
-    return name, str(version)
-
-
-def model_versions(model_dirs: Sequence[Path]) -> dict[str, str]:
-    """Model name → version of the packages under ``model_dirs``.
-
-    A package is a folder holding ``manifest.toml`` (a ``[model]`` table with ``name``
-    and ``version``); a model dir may itself be one package.  When two packages share
-    a name, the one in the earlier model dir wins (like ``PATH``), which is also the
-    package the worker loads.
-    """
-    found: dict[str, str] = {}
-    for base in model_dirs:
-        candidates = [base / "manifest.toml"]
-        if base.is_dir():
-            candidates += sorted(p / "manifest.toml" for p in base.iterdir() if p.is_dir())
-        for manifest in candidates:
-            if not manifest.is_file():
-                continue
-            ident = _manifest_identity(manifest)
-            if ident is not None and ident[0] not in found:
-                found[ident[0]] = ident[1]
-    return found
+def installed_packages(model_dirs: Sequence[Path]) -> Installed:
+    """Model name → version → package under ``model_dirs``, as the worker sees them."""
+    return discover_packages(model_dirs)
 
 
 def infer_key(study_uid: str, model: str, version: str, sop_uids: Iterable[str]) -> str:
@@ -212,7 +182,7 @@ def _finish_study(
     note: Callable[[list[tuple[int, bool]]], str],
     t: float,
     forced: bool,
-    new_jobs: Sequence[tuple[str, dict[str, object]]] = (),
+    new_jobs: Sequence[tuple[str, InferPayload]] = (),
 ) -> tuple[bool, list[tuple[int, bool]]]:
     """Record the outcome and queue the jobs in one transaction.
 
@@ -234,7 +204,7 @@ def _finish_study(
             return False, []
         queued = [
             jobs.enqueue_in(
-                s, JobKind.INFER, key, dict(payload), study_instance_uid=study.study_instance_uid
+                s, JobKind.INFER, key, payload, study_instance_uid=study.study_instance_uid
             )
             for key, payload in new_jobs
         ]
@@ -248,19 +218,23 @@ def _schedule_study(
     db: Database,
     cfg: NodeConfig,
     router: Router,
-    versions: dict[str, str] | None,
+    installed: Installed | None,
     study: Study,
     t: float,
     report: TickReport,
-) -> dict[str, str] | None:
+) -> Installed | None:
     uid = study.study_instance_uid
     forced = study.last_received_at > t - cfg.study.stable_after_s
     series = _series_of(db, uid)
-    # model → series UIDs, SOP UIDs, destinations, route names
-    wanted: dict[str, tuple[set[str], set[str], dict[str, None], dict[str, None]]] = {}
+    # (model, pinned version) → series UIDs, SOP UIDs, destinations, route names
+    wanted: dict[
+        tuple[str, str | None], tuple[set[str], set[str], dict[str, None], dict[str, None]]
+    ] = {}
     for ser in series:
         for m in _route_series(router, cfg.node.spool_dir, ser):
-            ser_uids, sops, dests, routes = wanted.setdefault(m.model, (set(), set(), {}, {}))
+            ser_uids, sops, dests, routes = wanted.setdefault(
+                (m.model, m.model_version), (set(), set(), {}, {})
+            )
             ser_uids.add(ser.uid)
             sops.update(r.sop_instance_uid for r in ser.rows)
             dests.update(dict.fromkeys(m.destinations))
@@ -273,37 +247,39 @@ def _schedule_study(
             log.info("study %s unrouted: %s", uid_tag(uid), note)
         else:
             report.skipped_changed.append(uid)
-        return versions
+        return installed
 
-    if versions is None:
-        versions = model_versions(cfg.inference.model_dirs)
+    if installed is None:
+        installed = installed_packages(cfg.inference.model_dirs)
     notes: list[str] = []
-    new_jobs: list[tuple[str, dict[str, object]]] = []
+    new_jobs: list[tuple[str, InferPayload]] = []
     labels: list[str] = []
-    for model, (ser_uids, sops, dests, routes) in wanted.items():
-        version = versions.get(model)
-        if version is None:
+    for (model, pin), (ser_uids, sops, dests, routes) in wanted.items():
+        pkg = select_package(installed.get(model, {}), pin)
+        if pkg is None:
+            what = f"model {model!r}" if pin is None else f"model {model!r} version {pin!r}"
             msg = (
-                f"route {', '.join(routes)}: unknown model {model!r} "
+                f"route {', '.join(routes)}: unknown {what} "
                 f"(no package in {', '.join(str(d) for d in cfg.inference.model_dirs)})"
             )
             log.error("study %s: %s", uid_tag(uid), msg)
             report.errors.append(msg)
             notes.append(msg)
             continue
+        version = pkg.version
         # Configuration order, not series order, so the payload is deterministic.
         fired = [r.name for r in router.routes if r.name in routes]
         dests = dict.fromkeys(d for r in router.routes if r.name in routes for d in r.send_to)
-        payload: dict[str, object] = {
-            "model": model,
-            "model_version": version,
-            "study_instance_uid": uid,
-            "series_instance_uids": sorted(ser_uids),
-            "sop_instance_uids": sorted(sops),
-            "destinations": list(dests),
-            "route": fired[0],
-            "routes": fired,
-        }
+        payload = InferPayload(
+            model=model,
+            model_version=version,
+            study_instance_uid=uid,
+            series_instance_uids=sorted(ser_uids),
+            sop_instance_uids=sorted(sops),
+            destinations=list(dests),
+            route=fired[0],
+            routes=fired,
+        )
         new_jobs.append((infer_key(uid, model, version, sops), payload))
         labels.append(f"{model}@{version} ({len(ser_uids)} series, {len(sops)} instances)")
     if not new_jobs:
@@ -312,7 +288,7 @@ def _schedule_study(
             db, study, StudyState.UNROUTED, lambda _: "; ".join(notes), t, forced
         )
         (report.unrouted if done else report.skipped_changed).append(uid)
-        return versions
+        return installed
 
     def note_for(queued: list[tuple[int, bool]]) -> str:
         parts = [
@@ -324,13 +300,13 @@ def _schedule_study(
     done, queued = _finish_study(db, study, StudyState.SCHEDULED, note_for, t, forced, new_jobs)
     if not done:
         report.skipped_changed.append(uid)
-        return versions
+        return installed
     report.scheduled.append(uid)
     for label, (job_id, created) in zip(labels, queued, strict=True):
         (report.jobs_created if created else report.jobs_existing).append(job_id)
         if created:
             log.info("study %s: queued job %s, %s", uid_tag(uid), job_id, label)
-    return versions
+    return installed
 
 
 def tick(
@@ -351,10 +327,10 @@ def tick(
     report = TickReport()
     due = _due_studies(db, t, cfg.study.stable_after_s, cfg.study.force_after_s)
     report.due = len(due)
-    versions: dict[str, str] | None = None  # read lazily, once per pass
+    installed: Installed | None = None  # read lazily, once per pass
     for study in due:
         try:
-            versions = _schedule_study(db, cfg, router, versions, study, t, report)
+            installed = _schedule_study(db, cfg, router, installed, study, t, report)
         except Exception as exc:  # one broken study must not stop the others
             msg = f"study {uid_tag(study.study_instance_uid)}: {type(exc).__name__}: {exc}"
             log.exception("scheduling failed: %s", msg)
@@ -362,32 +338,26 @@ def tick(
     return report
 
 
-def run(cfg: NodeConfig, *, poll_s: float = 0.5, reap_every_s: float = 5.0) -> None:
+def run(
+    cfg: NodeConfig, replica: int = 0, *, poll_s: float = 0.5, reap_every_s: float = 5.0
+) -> None:
     """Entry point of ``airnode schedule``: tick until SIGTERM or Ctrl-C."""
-    configure_logging(
-        cfg.node.log_level,
-        json_lines=cfg.node.log_json,
-        show_phi=cfg.node.log_phi,
-        stage="scheduler",
-    )
+    stage = start_stage(cfg, "scheduler", replica)
     try:  # a bad rule stops here, before any study is touched
         router = Router(cfg.routes)
     except RoutingError as exc:
         raise UserError(f"config error: {exc}") from None
-    db = init_db(cfg.node.resolved_database_url)
-    stopping = threading.Event()
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    known = model_versions(cfg.inference.model_dirs)
-    for model in router.models():
-        if model not in known:
-            log.error("a route names model %r, which no package in model_dirs provides", model)
-    policy = jobs.RetryPolicy()
+    db = stage.open_db()
+    stopping = stage.stopping
+    known = installed_packages(cfg.inference.model_dirs)
+    for route in router.routes:
+        if select_package(known.get(route.model, {}), route.model_version) is None:
+            log.error(
+                "route %s names model %r%s, which no package in model_dirs provides",
+                route.name,
+                route.model,
+                f" version {route.model_version!r}" if route.model_version else "",
+            )
     log.info(
         "scheduler: %d route(s), stable after %.0f s, forced after %.0f s",
         len(router.routes),
@@ -399,7 +369,7 @@ def run(cfg: NodeConfig, *, poll_s: float = 0.5, reap_every_s: float = 5.0) -> N
         while not stopping.is_set():
             try:
                 if time.monotonic() >= next_reap:
-                    reaped = jobs.reap_expired(db, policy)
+                    reaped = jobs.reap_expired(db)
                     if reaped:
                         log.warning("reaper: %d job(s) with an expired lease requeued", reaped)
                     next_reap = time.monotonic() + reap_every_s

@@ -6,8 +6,11 @@ transaction opened with ``BEGIN IMMEDIATE`` so that two writers never deadlock o
 lock upgrade.  pysqlite's own transaction handling is switched off for that
 (SQLAlchemy's documented recipe), since it would otherwise issue a plain ``BEGIN``.
 
-Schema changes go through the Alembic migrations in ``node/store/migrations``;
-:func:`init_db` upgrades a database to the newest revision.
+Schema changes go through the Alembic migrations in ``node/store/migrations``.
+Only ``airnode serve`` and ``airnode db upgrade`` migrate (:func:`init_db`); every
+other process opens the database with :func:`open_db`, which refuses a schema that is
+not the one this code was written for (:class:`SchemaError`, one line) instead of
+changing it behind the operator's back.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from node.errors import UserError
+
 __all__ = [
     "Base",
     "Database",
@@ -43,10 +48,14 @@ __all__ = [
     "JobKind",
     "JobStatus",
     "Result",
+    "SchemaError",
     "Study",
     "StudyState",
+    "head_revision",
     "init_db",
     "now",
+    "open_db",
+    "schema_revision",
 ]
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -163,6 +172,12 @@ class Job(Base):
     idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
     study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Send jobs: where to, and which result object (the payload repeats them, typed,
+    # in node.store.payloads); columns so that claiming and clean-up query them.
+    destination: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    result_sop_instance_uid: Mapped[str | None] = mapped_column(
+        String(64), nullable=True, index=True
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=10)
     not_before: Mapped[float] = mapped_column(Float, default=0.0)
@@ -259,16 +274,84 @@ class Database:
         self.engine.dispose()
 
 
-def init_db(url: str) -> Database:
-    """Open the database at ``url`` and upgrade it to the newest migration."""
-    from alembic import command
+class SchemaError(UserError):
+    """The database's schema is not the one this airnode needs (message is one line)."""
+
+
+def _alembic_config() -> Any:
     from alembic.config import Config
 
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    db = Database(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def _known_revisions() -> tuple[str, set[str]]:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config())
+    head = script.get_current_head()
+    assert head is not None, "no migrations found"
+    return str(head), {str(r.revision) for r in script.walk_revisions()}
+
+
+def head_revision() -> str:
+    """The newest migration this code knows: the schema it was written for."""
+    return _known_revisions()[0]
+
+
+def schema_revision(db: Database) -> str | None:
+    """The migration the database is at; ``None`` for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
+    with db.engine.connect() as conn:
+        rev = MigrationContext.configure(conn).get_current_revision()
+        conn.rollback()
+    return None if rev is None else str(rev)
+
+
+def _make_parent(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def open_db(url: str) -> Database:
+    """Open the database at ``url`` for a stage: no migration, the schema is checked.
+
+    Raises :class:`SchemaError` when the database is behind (or ahead of) this code.
+    """
+    _make_parent(url)
+    db = Database(url)
+    try:
+        at = schema_revision(db)
+        need, known = _known_revisions()
+        if at is not None and at not in known:
+            raise SchemaError(
+                f"database schema is at {at}, newer than this airnode (which needs {need}): "
+                "run the airnode version that upgraded it"
+            )
+        if at != need:
+            raise SchemaError(
+                f"database schema is at {at or 'none (empty database)'}, this airnode needs "
+                f"{need}: run `airnode db upgrade`"
+            )
+    except BaseException:
+        db.dispose()
+        raise
+    return db
+
+
+def init_db(url: str) -> Database:
+    """Open the database at ``url`` and upgrade it to the newest migration.
+
+    For ``airnode serve`` (once, before any stage starts), ``airnode db upgrade`` and
+    tests; stages use :func:`open_db`.
+    """
+    from alembic import command
+
+    _make_parent(url)
+    db = Database(url)
+    cfg = _alembic_config()
     with db.engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

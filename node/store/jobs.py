@@ -14,6 +14,9 @@ runs under the database's single write lock.
 
 Retries come from a :class:`RetryPolicy` and only for transient errors
 (:class:`TransientJobError`); anything else ends the job ``dead`` with its reason.
+The policy belongs to the job's kind (:func:`retry_policies`, one table): a job's
+``max_attempts`` is written from it when the job is queued, so a job crashed by its
+process is given up after its own kind's attempts whichever process reaps it.
 """
 
 from __future__ import annotations
@@ -22,15 +25,21 @@ import hashlib
 import os
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from node.config import SendPolicyConfig
 from node.store.db import TRANSITIONS, Database, Job, JobKind, JobStatus, now
+from node.store.payloads import JobPayload, SendPayload
+
+#: What a job carries: the typed payload of its kind (node.store.payloads); a plain
+#: mapping is stored as it is (the job layer's own tests use that).
+Payload = JobPayload | Mapping[str, Any]
 
 __all__ = [
     "JobError",
@@ -47,6 +56,7 @@ __all__ = [
     "heartbeat",
     "reap_expired",
     "retry",
+    "retry_policies",
 ]
 
 CLAIMABLE = (JobStatus.QUEUED, JobStatus.FAILED)
@@ -87,9 +97,27 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        raw = min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1)))
+        raw = min(self.max_delay_s, self.base_delay_s * (2.0 ** max(0, attempt - 1)))
         r = (rng or random).random()
         return raw * (1.0 - self.jitter) + raw * self.jitter * r
+
+
+def retry_policies(send: SendPolicyConfig | None = None) -> dict[JobKind, RetryPolicy]:
+    """The retry policy of each job kind: the one table every stage reads.
+
+    ``infer``: a model error rarely heals, so few attempts with a short back-off.
+    ``send``: a PACS may be down for hours; ``[send]`` in the configuration sets its
+    attempts and back-off.
+    """
+    send = send or SendPolicyConfig()
+    return {
+        JobKind.INFER: RetryPolicy(max_attempts=3, base_delay_s=5.0, max_delay_s=60.0),
+        JobKind.SEND: RetryPolicy(
+            max_attempts=send.max_attempts,
+            base_delay_s=send.base_delay_s,
+            max_delay_s=max(send.max_delay_s, send.base_delay_s),
+        ),
+    }
 
 
 def default_owner() -> str:
@@ -105,44 +133,43 @@ def key_digest(*parts: str) -> str:
     return h.hexdigest()[:32]
 
 
+def _stored(payload: Payload) -> dict[str, Any]:
+    return payload.dump() if isinstance(payload, JobPayload) else dict(payload)
+
+
 def _check(old: JobStatus, new: JobStatus) -> None:
     if new not in TRANSITIONS[old]:
         raise IllegalTransition(f"job cannot go from {old} to {new}")
 
 
+class EnqueueOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`enqueue_in`, which :func:`enqueue` passes on."""
+
+    study_instance_uid: str | None
+    max_attempts: int | None
+    not_before: float
+    parent_id: int | None
+
+
 def enqueue(
-    db: Database,
-    kind: JobKind,
-    key: str,
-    payload: dict[str, Any],
-    *,
-    study_instance_uid: str | None = None,
-    max_attempts: int = 10,
-    not_before: float = 0.0,
-    parent_id: int | None = None,
+    db: Database, kind: JobKind, key: str, payload: Payload, **options: Unpack[EnqueueOptions]
 ) -> tuple[int, bool]:
-    """Insert a job unless one with ``key`` exists. Returns ``(job id, created)``."""
+    """Insert a job unless one with ``key`` exists. Returns ``(job id, created)``.
+
+    ``max_attempts`` defaults to the kind's policy (:func:`retry_policies`).
+    """
     with db.session() as s:
-        return enqueue_in(
-            s,
-            kind,
-            key,
-            payload,
-            study_instance_uid=study_instance_uid,
-            max_attempts=max_attempts,
-            not_before=not_before,
-            parent_id=parent_id,
-        )
+        return enqueue_in(s, kind, key, payload, **options)
 
 
 def enqueue_in(
     s: Session,
     kind: JobKind,
     key: str,
-    payload: dict[str, Any],
+    payload: Payload,
     *,
     study_instance_uid: str | None = None,
-    max_attempts: int = 10,
+    max_attempts: int | None = None,
     not_before: float = 0.0,
     parent_id: int | None = None,
 ) -> tuple[int, bool]:
@@ -152,18 +179,25 @@ def enqueue_in(
     transaction (the scheduler marks a study scheduled and queues its jobs at once).
     A racing insert of the same key (PostgreSQL) is absorbed by a savepoint.
     """
+    if max_attempts is None:
+        max_attempts = retry_policies()[kind].max_attempts
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if isinstance(payload, JobPayload) and payload.kind != kind:
+        raise ValueError(f"a {type(payload).__name__} is not the payload of a {kind} job")
     existing = s.scalar(select(Job.id).where(Job.idempotency_key == key))
     if existing is not None:
         return existing, False
     t = now()
+    send = payload if isinstance(payload, SendPayload) else None
     job = Job(
         kind=kind,
         status=JobStatus.QUEUED,
         idempotency_key=key,
         study_instance_uid=study_instance_uid,
-        payload=payload,
+        payload=_stored(payload),
+        destination=send.destination if send else None,
+        result_sop_instance_uid=send.sop_instance_uid if send else None,
         attempts=0,
         max_attempts=max_attempts,
         not_before=not_before,
@@ -237,7 +271,7 @@ def _finish(
     *,
     error: str | None = None,
     not_before: float | None = None,
-    payload: dict[str, Any] | None = None,
+    payload: Payload | None = None,
 ) -> bool:
     t = now()
     with db.session() as s:
@@ -256,13 +290,13 @@ def _finish(
         if not_before is not None:
             job.not_before = not_before
         if payload is not None:
-            job.payload = payload
+            job.payload = _stored(payload)
         if new in (JobStatus.DONE, JobStatus.DEAD):
             job.finished_at = t
         return True
 
 
-def complete(db: Database, job_id: int, owner: str, payload: dict[str, Any] | None = None) -> bool:
+def complete(db: Database, job_id: int, owner: str, payload: Payload | None = None) -> bool:
     """Mark a running job done. ``False`` if its lease had been lost."""
     return _finish(db, job_id, owner, JobStatus.DONE, payload=payload)
 
@@ -295,12 +329,12 @@ def fail(
     return JobStatus.DEAD if ok else None
 
 
-def reap_expired(db: Database, policy: RetryPolicy | None = None) -> int:
-    """Return running jobs whose lease expired (their worker died) to the queue.
+def reap_expired(db: Database) -> int:
+    """Return running jobs whose lease expired (their process died) to the queue.
 
-    A job that keeps killing its worker ends ``dead`` once its attempts are used up.
+    The one reaper: whichever process calls it, a job that keeps killing its process
+    ends ``dead`` once the attempts of its kind (its ``max_attempts``) are used up.
     """
-    policy = policy or RetryPolicy()
     t = now()
     n = 0
     with db.session() as s:
@@ -309,7 +343,7 @@ def reap_expired(db: Database, policy: RetryPolicy | None = None) -> int:
         ).all()
         for job in expired:
             msg = f"lease of {job.lease_owner} expired (worker stopped?)"
-            if job.attempts >= min(job.max_attempts, policy.max_attempts):
+            if job.attempts >= job.max_attempts:
                 job.status = JobStatus.DEAD
                 job.finished_at = t
                 msg = f"gave up after {job.attempts} attempts: {msg}"
@@ -324,24 +358,30 @@ def reap_expired(db: Database, policy: RetryPolicy | None = None) -> int:
     return n
 
 
+def _not_running(s: Session, job_id: int, new: JobStatus, why: str) -> Job:
+    """The job an operator acts on, refused while running (its process goes on)."""
+    job = s.get(Job, job_id)
+    if job is None:
+        raise KeyError(f"no job {job_id}")
+    if job.status == JobStatus.RUNNING:
+        raise IllegalTransition(
+            f"job cannot go from {job.status} to {new}: {job.lease_owner} {why}"
+        )
+    _check(job.status, new)
+    return job
+
+
 def retry(db: Database, job_id: int) -> Job:
     """Operator action: put a dead, failed or done job back in the queue now.
 
-    A running job is refused: its worker may still be alive.
+    A running job is refused: its worker may still be alive.  Requeueing under a live
+    lease would run the job twice; the reaper requeues it if its worker is really gone.
     """
     t = now()
     with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise KeyError(f"no job {job_id}")
-        if job.status == JobStatus.RUNNING:
-            # Requeueing under a live lease would run the job twice; the reaper
-            # requeues it if its worker is really gone.
-            raise IllegalTransition(
-                f"job cannot go from {job.status} to {JobStatus.QUEUED}: "
-                f"{job.lease_owner} holds its lease; wait for it to end or expire"
-            )
-        _check(job.status, JobStatus.QUEUED)
+        job = _not_running(
+            s, job_id, JobStatus.QUEUED, "holds its lease; wait for it to end or expire"
+        )
         job.status = JobStatus.QUEUED
         job.not_before = t
         job.attempts = 0
@@ -354,15 +394,7 @@ def cancel(db: Database, job_id: int, reason: str = "cancelled by operator") -> 
     """Operator action: end a queued or failed job (``dead``); running ones cannot be."""
     t = now()
     with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise KeyError(f"no job {job_id}")
-        if job.status == JobStatus.RUNNING:  # its worker would go on regardless
-            raise IllegalTransition(
-                f"job cannot go from {job.status} to {JobStatus.DEAD}: "
-                f"{job.lease_owner} is running it; wait for it to end"
-            )
-        _check(job.status, JobStatus.DEAD)
+        job = _not_running(s, job_id, JobStatus.DEAD, "is running it; wait for it to end")
         job.status = JobStatus.DEAD
         job.last_error = reason
         job.finished_at = t

@@ -22,6 +22,7 @@ from node.logs import uid_tag
 from node.store.db import Database, Job, JobKind, JobStatus, Result, now
 from node.store.durable import fsync_dir, uid_path, write_durable
 from node.store.jobs import enqueue
+from node.store.payloads import SendPayload
 
 __all__ = ["cleanup", "object_kind", "outbox_path", "send_key", "store_results"]
 
@@ -65,7 +66,7 @@ def store_results(
     model: str,
     infer_job_id: int | None,
     destinations: list[str],
-    max_attempts: int = 10,
+    max_attempts: int | None = None,
 ) -> list[Result]:
     """Write ``datasets`` to the outbox, record them, queue one send per destination.
 
@@ -104,7 +105,7 @@ def store_results(
                 db,
                 JobKind.SEND,
                 send_key(uid, dest),
-                {"result_id": row.id, "sop_instance_uid": uid, "path": rel, "destination": dest},
+                SendPayload(result_id=row.id, sop_instance_uid=uid, path=rel, destination=dest),
                 study_instance_uid=str(ds.StudyInstanceUID),
                 max_attempts=max_attempts,
                 parent_id=infer_job_id,
@@ -123,12 +124,12 @@ def cleanup(db: Database, outbox_dir: Path | str) -> int:
     root = Path(outbox_dir)
     statuses: dict[str, set[JobStatus]] = {}
     with db.read() as s:
-        for key, status in s.execute(
-            select(Job.idempotency_key, Job.status).where(Job.kind == JobKind.SEND)
+        for uid, status in s.execute(
+            select(Job.result_sop_instance_uid, Job.status).where(
+                Job.kind == JobKind.SEND, Job.result_sop_instance_uid.is_not(None)
+            )
         ):
-            parts = str(key).split(":")
-            if len(parts) >= 3:
-                statuses.setdefault(parts[1], set()).add(JobStatus(status))
+            statuses.setdefault(str(uid), set()).add(JobStatus(status))
         results = s.execute(select(Result.sop_instance_uid, Result.path)).all()
     removed = 0
     for uid, rel in results:

@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pydicom
 from sqlalchemy import select, update
 
 from node.config import NodeConfig
-from node.logs import configure_logging, uid_tag
+from node.logs import uid_tag
+from node.runtime import start_stage
 from node.store import jobs
-from node.store.db import Database, Instance, Job, JobKind, JobStatus, init_db, now
+from node.store.db import Database, Instance, Job, JobKind, JobStatus, now
+from node.store.payloads import InferPayload, PayloadError
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
@@ -110,72 +110,94 @@ class Worker:
         owner: str | None = None,
         lease_s: float = 300.0,
         policy: jobs.RetryPolicy | None = None,
+        device_index: int | None = None,
     ) -> None:
         if lease_s <= 0:
             raise ValueError(f"lease_s must be > 0, got {lease_s}")
         self.cfg = cfg
         self.db = db
+        #: The GPU this worker's backends run on (``None``: no GPU, the CPU).
+        self.device_index = device_index
         self.owner = owner or f"worker:{jobs.default_owner()}"
         # The heartbeat renews the lease every lease_s / 3; the reaper in the
         # scheduler returns the job to the queue once a dead worker's lease runs out.
         self.lease_s = lease_s
-        self.policy = policy or jobs.RetryPolicy(max_attempts=3, base_delay_s=5.0, max_delay_s=60.0)
-        self._packages: dict[str, ModelPackage] | None = None
-        self._predictors: dict[str, Predictor] = {}
+        self.policy = policy or jobs.retry_policies(cfg.send)[JobKind.INFER]
+        self._packages: dict[str, dict[str, ModelPackage]] | None = None
+        self._predictors: dict[tuple[str, str], Predictor] = {}
         self.stopping = threading.Event()
+
+    @classmethod
+    def for_replica(cls, cfg: NodeConfig, db: Database, replica: int) -> Worker:
+        """Worker replica ``replica`` of ``inference.workers``: one GPU per replica.
+
+        It runs on GPU ``replica`` modulo the GPUs this process may see
+        (``CUDA_VISIBLE_DEVICES`` respected), or on the CPU when there is none, so N
+        workers on an N-GPU machine use one GPU each.
+        """
+        from models.backends import device_for_replica
+
+        return cls(cfg, db, device_index=device_for_replica(replica))
 
     # -- model packages and backends, loaded once per process -------------------------
     @property
-    def packages(self) -> dict[str, ModelPackage]:
+    def packages(self) -> dict[str, dict[str, ModelPackage]]:
+        """Model name → version → package, read the same way the scheduler reads them."""
         if self._packages is None:
-            from models.package import find_packages
+            from models.package import discover_packages
 
-            self._packages = find_packages(self.cfg.inference.model_dirs)
-            log.info("model packages: %s", ", ".join(sorted(self._packages)) or "none")
+            self._packages = discover_packages(self.cfg.inference.model_dirs)
+            log.info(
+                "model packages: %s",
+                ", ".join(f"{n} {v}" for n in sorted(self._packages) for v in self._packages[n])
+                or "none",
+            )
         return self._packages
 
     def predictor(self, name: str, version: str) -> Predictor:
-        """The loaded predictor for ``name`` at ``version``.
+        """The loaded predictor for ``name`` at ``version`` (the one the job names).
 
         A package installed or upgraded while the worker runs is picked up: on a miss
-        the model folders are scanned again before the job is given up, and a
-        predictor of an older version is dropped.
+        the model folders are scanned again before the job is given up, and
+        predictors of versions no longer installed are dropped.
         """
-        pkg = self.packages.get(name)
-        if pkg is None or pkg.version != version:
-            self._packages = None
-            pkg = self.packages.get(name)
-            cached = self._predictors.get(name)
-            if cached is not None and (pkg is None or cached.package.version != pkg.version):
-                cached.backend.close()
-                del self._predictors[name]
+        pkg = self.packages.get(name, {}).get(version)
         if pkg is None:
+            self._packages = None
+            pkg = self.packages.get(name, {}).get(version)
+            for key in [k for k in self._predictors if k[1] not in self.packages.get(k[0], {})]:
+                self._predictors.pop(key).backend.close()
+        if pkg is None:
+            installed = sorted(self.packages.get(name, {}))
+            if installed:
+                raise jobs.PermanentJobError(
+                    f"model {name!r} is version {', '.join(installed)}, the job asked for {version}"
+                )
             raise jobs.PermanentJobError(
                 f"model {name!r} is not installed (looked in "
                 f"{', '.join(str(d) for d in self.cfg.inference.model_dirs)})"
             )
-        if pkg.version != version:
-            raise jobs.PermanentJobError(
-                f"model {name!r} is version {pkg.version}, the job asked for {version}"
-            )
-        if name not in self._predictors:
+        if (name, version) not in self._predictors:
             from models.backends import create_backend
             from models.pipeline import Predictor
 
             try:
                 backend = create_backend(
-                    self.cfg.inference.backend, pkg, self.cfg.inference.intra_op_threads
+                    self.cfg.inference.backend,
+                    pkg,
+                    self.cfg.inference.intra_op_threads,
+                    self.device_index,
                 )
             except Exception as exc:  # a broken model file or a missing library
                 raise jobs.PermanentJobError(
                     f"model {name!r} could not be loaded with backend "
                     f"{self.cfg.inference.backend!r}: {exc}"
                 ) from exc
-            self._predictors[name] = Predictor(
+            self._predictors[name, version] = Predictor(
                 pkg, backend, batch_size=self.cfg.inference.batch_size
             )
-            log.info("loaded %s %s on %s", name, version, backend.name)
-        return self._predictors[name]
+            log.info("loaded %s %s on %s (%s)", name, version, backend.name, backend.device)
+        return self._predictors[name, version]
 
     # -- one job ----------------------------------------------------------------------
     def load_series(self, sop_uids: list[str]) -> dict[str, list[pydicom.Dataset]]:
@@ -197,7 +219,7 @@ class Worker:
             series[row.series_instance_uid].append(ds)
         return dict(series)
 
-    def process(self, job: Job) -> dict[str, Any]:
+    def process(self, job: Job) -> InferPayload:
         """Run one infer job; returns the payload to store with the finished job.
 
         ``payload["timings"]`` holds seconds per phase, summed over the job's series:
@@ -209,12 +231,11 @@ class Worker:
         from node.results import encode_all
         from node.store.outbox import store_results
 
-        payload = dict(job.payload)
-        model = str(payload.get("model", ""))
-        version = str(payload.get("model_version", ""))
-        sop_uids = [str(u) for u in payload.get("sop_instance_uids", [])]
-        if not model or not sop_uids:
-            raise jobs.PermanentJobError("job payload names no model or no instances")
+        try:
+            payload = InferPayload.of(job)
+        except PayloadError as exc:
+            raise jobs.PermanentJobError(str(exc)) from None
+        model, version, sop_uids = payload.model, payload.model_version, payload.sop_instance_uids
         t0 = time.perf_counter()
         predictor = self.predictor(model, version)
         timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
@@ -245,18 +266,21 @@ class Worker:
                 objects,
                 model=model,
                 infer_job_id=job.id,
-                destinations=list(payload.get("destinations", [])),
+                destinations=payload.destinations,
                 max_attempts=self.cfg.send.max_attempts,
             )
             timings["store"] += time.perf_counter() - t3
             result_uids.extend(r.sop_instance_uid for r in stored)
         timings["total"] = time.perf_counter() - t0
-        payload["timings"] = {k: round(v, 6) for k, v in timings.items()}
-        payload["result_sop_instance_uids"] = result_uids
-        return payload
+        return payload.model_copy(
+            update={
+                "timings": {k: round(v, 6) for k, v in timings.items()},
+                "result_sop_instance_uids": result_uids,
+            }
+        )
 
     def release_orphans(self) -> int:
-        """Requeue infer jobs held by dead worker processes of this host; returns how many.
+        """Requeue jobs held by dead worker processes of this host; returns how many.
 
         A worker killed with ``kill -9`` (or by the OOM killer) leaves its job
         ``running`` until the lease runs out.  When the supervisor restarts the stage,
@@ -276,16 +300,16 @@ class Worker:
                 )
             ).all()
         dead = {o for o in owners if o is not None and not _pid_alive(o.removeprefix(prefix))}
-        if not dead:
-            return 0
-        with self.db.session() as s:
-            s.execute(
-                update(Job)
-                .where(Job.status == JobStatus.RUNNING, Job.lease_owner.in_(dead))
-                .values(lease_expires_at=now() - 1.0)
-            )
-        n = jobs.reap_expired(self.db, self.policy)
-        log.warning("requeued %d job(s) of stopped worker process(es)", n)
+        if dead:
+            with self.db.session() as s:
+                s.execute(
+                    update(Job)
+                    .where(Job.status == JobStatus.RUNNING, Job.lease_owner.in_(dead))
+                    .values(lease_expires_at=now() - 1.0)
+                )
+        n = jobs.reap_expired(self.db)
+        if n:
+            log.warning("requeued %d job(s) of stopped process(es)", n)
         return n
 
     def run_one(self) -> bool:
@@ -294,10 +318,8 @@ class Worker:
         if job is None:
             return False
         log.info(
-            "job %s: %s %s on study %s (attempt %s)",
+            "job %s: infer on study %s (attempt %s)",
             job.id,
-            job.payload.get("model"),
-            job.payload.get("model_version"),
             uid_tag(job.study_instance_uid),
             job.attempts,
         )
@@ -323,10 +345,12 @@ class Worker:
             log.warning("job %s finished after its lease was lost; left to its new owner", job.id)
             return True
         log.info(
-            "job %s done: %d result object(s) in %.2f s",
+            "job %s done: %s %s, %d result object(s) in %.2f s",
             job.id,
-            len(out["result_sop_instance_uids"]),
-            out["timings"]["total"],
+            out.model,
+            out.model_version,
+            len(out.result_sop_instance_uids or []),
+            (out.timings or {}).get("total", 0.0),
         )
         return True
 
@@ -336,21 +360,24 @@ class Worker:
                 self.stopping.wait(poll_s)
 
 
-def run(cfg: NodeConfig) -> None:
-    """Entry point of ``airnode work``: run until SIGTERM or Ctrl-C."""
-    configure_logging(
-        cfg.node.log_level, json_lines=cfg.node.log_json, show_phi=cfg.node.log_phi, stage="worker"
+def run(cfg: NodeConfig, replica: int = 0) -> None:
+    """Entry point of ``airnode work``: run until SIGTERM or Ctrl-C.
+
+    ``replica`` comes from the supervisor (``inference.workers`` copies) or
+    ``--replica``; it picks the GPU (:meth:`Worker.for_replica`).
+    """
+    stage = start_stage(cfg, "worker", replica)
+    db = stage.open_db()
+    worker = Worker.for_replica(cfg, db, replica)
+    worker.stopping = stage.stopping
+    log.info(
+        "worker %d on %s",
+        replica,
+        "the CPU" if worker.device_index is None else f"GPU {worker.device_index}",
     )
-    db = init_db(cfg.node.resolved_database_url)
-    worker = Worker(cfg, db)
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: finishing the current job, then stopping", signum)
-        worker.stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     _ = worker.packages  # load the manifests up front: a broken package shows at start
     worker.release_orphans()
-    worker.serve_forever()
-    db.dispose()
+    try:
+        worker.serve_forever()
+    finally:
+        db.dispose()

@@ -66,8 +66,8 @@ def _read(name: str) -> pydicom.Dataset:
 
 def _unit(name: str) -> np.ndarray:
     ds = _read(name)
-    arr = decode_frames(ds).astype(np.float64)
-    return arr / (2 ** int(ds.BitsStored) - 1)
+    arr = np.asarray(decode_frames(ds), dtype=np.float64)
+    return np.asarray(arr / (2 ** int(ds.BitsStored) - 1), dtype=np.float64)
 
 
 @pytest.mark.parametrize(("compressed", "twin"), LOSSLESS, ids=[p[0] for p in LOSSLESS])
@@ -181,7 +181,7 @@ def test_channels_grey_repeat_and_rgb_luma() -> None:
 
 def _gaussian(shape: tuple[int, int], r: float, c: float, sigma: float) -> np.ndarray:
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
-    return np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2)).astype(np.float32)
+    return np.asarray(np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2)), np.float32)
 
 
 SHAPES = [
@@ -204,7 +204,8 @@ def test_heatmap_peak_lands_back_on_its_pixel(src: tuple[int, int], dst: tuple[i
         heat = _gaussian(dst, mr, mc, sigma=2.0)  # a model-space heatmap peaking there
         back = smap.inverse(heat)
         assert back.shape == src
-        assert np.unravel_index(int(np.argmax(back)), src) == (r, c)
+        peak = np.unravel_index(int(np.argmax(back)), src)
+        assert (int(peak[0]), int(peak[1])) == (r, c)
 
 
 @pytest.mark.parametrize(("src", "dst"), SHAPES)

@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-import signal
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +29,7 @@ from node.ops.http.metrics import JobTableCollector, render_metrics
 from node.ops.http.page import PAGE_CSP, render_status_page
 from node.ops.http.preview import PreviewError, result_preview
 from node.ops.supervisor import read_stage_status, stage_status_path
+from node.runtime import start_stage
 from node.store.db import Database
 
 __all__ = ["NodeHttpServer", "make_server", "run"]
@@ -155,11 +154,14 @@ def make_server(cfg: NodeConfig, db: Database | None = None) -> NodeHttpServer:
     )
 
 
-def run(cfg: NodeConfig) -> None:
+def run(cfg: NodeConfig, replica: int = 0) -> None:
     """Entry point of the ``http`` stage: serve until SIGTERM or Ctrl-C."""
+    stage = start_stage(cfg, "http", replica)
+    db = stage.open_db()
     try:
-        server = make_server(cfg)
+        server = make_server(cfg, db)
     except OSError as exc:
+        db.dispose()
         log.error(
             "http: cannot listen on %s:%d: %s; set [http] port or enabled = false",
             cfg.http.host,
@@ -167,18 +169,11 @@ def run(cfg: NodeConfig) -> None:
             exc.strerror or exc,
         )
         raise SystemExit(2) from None
-    stop = threading.Event()
-
-    def _stop(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     log.info("http: serving /, /health, /metrics on http://%s:%d/", cfg.http.host, cfg.http.port)
     try:
-        while not stop.wait(1.0):
+        while not stage.stopping.wait(1.0):
             pass
     finally:
         server.shutdown()

@@ -18,14 +18,14 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from node.config import DestinationConfig, NodeConfig, NodeSection, SendPolicyConfig
-from node.deliver import CRASH_HOOK_ENV, Sender
+from node.deliver import Sender
 from node.deliver.status import Outcome, classify, describe
 from node.results import encode_all, store_results
 from node.store import jobs
 from node.store.db import AuditEvent, Database, Job, JobKind, JobStatus
 from tests.conftest import free_port, require_tool
 from tests.node.results.sources import classification, ct_series, dx_image, segmentation
-from tests.peers import orthanc, received, storescp
+from tests.peers import REPO, orthanc, received, storescp
 
 
 def _cfg(tmp: Path, dests: dict[str, int], **send: float) -> NodeConfig:
@@ -123,7 +123,7 @@ def test_delivers_everything_to_two_destinations_audits_and_cleans_up(
     assert {j.status for j in _jobs(db, "a") + _jobs(db, "b")} == {JobStatus.DONE}
     with db.read() as s:
         sent = s.scalars(select(AuditEvent).where(AuditEvent.event == "sent")).all()
-    assert sorted(e.sop_instance_uid for e in sent) == sorted(uids * 2)
+    assert sorted(str(e.sop_instance_uid) for e in sent) == sorted(uids * 2)
     assert {e.ae_title for e in sent} == {"A", "B"}
     sender.housekeeping()
     assert not list(cfg.node.outbox_dir.rglob("*.dcm"))
@@ -207,6 +207,20 @@ def test_transient_faults_back_off_then_deliver_exactly_once(
         assert _uids(received(out)) == uid
 
 
+def crashing_sender_main(cfg_json: str, db_url: str) -> None:
+    """The sender stage, made to die right after the peer acknowledged a C-STORE and
+    before the job is marked done (exit code 70), as a power cut there would."""
+    import os
+
+    def crash(self: Sender, dest: object, job: object, status: int) -> None:
+        assert status == 0x0000  # only a success reaches this point
+        os._exit(70)
+
+    Sender._done = crash  # type: ignore[method-assign]
+    cfg = NodeConfig.model_validate_json(cfg_json)
+    Sender(cfg, Database(db_url)).send_batch(cfg.destinations[0])
+
+
 @pytest.mark.integration
 def test_crash_after_store_before_done_resends_same_uids(db: Database, tmp_path: Path) -> None:
     port = free_port()
@@ -216,25 +230,21 @@ def test_crash_after_store_before_done_resends_same_uids(db: Database, tmp_path:
     store_results(
         db, cfg.node.outbox_dir, [sr], model="m", infer_job_id=None, destinations=["pacs"]
     )
-    script = (
-        "import sys; from node.config import NodeConfig; from node.store.db import Database;"
-        "from node.deliver import Sender;"
-        "cfg = NodeConfig.model_validate_json(sys.argv[1]);"
-        "Sender(cfg, Database(sys.argv[2])).send_batch(cfg.destinations[0])"
+    code = (
+        "import sys; from tests.node.deliver.test_sender import crashing_sender_main; "
+        "crashing_sender_main(*sys.argv[1:])"
     )
     with storescp(port, tmp_path / "pacs") as out:
         proc = subprocess.run(
-            [sys.executable, "-c", script, cfg.model_dump_json(), db.url],
-            env={**__import__("os").environ, CRASH_HOOK_ENV: "1"},
-            timeout=60,
+            [sys.executable, "-c", code, cfg.model_dump_json(), db.url], cwd=REPO, timeout=60
         )
         assert proc.returncode == 70
         (job,) = _jobs(db, "pacs")
         assert job.status == JobStatus.RUNNING  # stored at the peer, never marked done
         assert _uids(received(out)) == [sr.SOPInstanceUID]
         time.sleep(1.2)  # the lease expires; the reaper returns the job
+        assert jobs.reap_expired(db) == 1
         sender = Sender(cfg, db)
-        sender.housekeeping()
         while sender.send_batch(cfg.destinations[0]):
             pass
         (job,) = _jobs(db, "pacs")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from node.ops.supervisor import stage_status_path, write_stage_status
 from node.store import jobs
 from node.store.db import Database, Instance, Job, JobKind, Result, Study, StudyState, now
 from tests.conftest import free_port, require_tool
+from tests.peers import logging_process, stop_and_read
 
 REPO = Path(__file__).resolve().parents[3]
 PATIENT = "Qwertzuiop^Phiname"  # must never appear on any page
@@ -508,22 +508,14 @@ def test_http_stage_under_the_supervisor(tmp_path: Path) -> None:
         f"cfg = NodeConfig.model_validate_json({cfg.model_dump_json()!r}); "
         "run(cfg, [StageSpec('http', 'node.ops.http:run')])"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with logging_process([sys.executable, "-c", code]) as proc:
         body = _poll_health(
             f"http://127.0.0.1:{cfg.http.port}/health",
             lambda b: b["checks"]["stages"]["stages"].get("http", {}).get("state") == "running",
         )
         assert body["status"] == "ok"
         assert body["checks"]["stages"]["supervisor"] == "running"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+        err = stop_and_read(proc)
     assert proc.returncode == 0, err
     assert "http: stopped" in err
     with pytest.raises(requests.ConnectionError):

@@ -29,6 +29,7 @@ from node.ops.supervisor import (
     read_stage_status,
     stage_status_path,
 )
+from tests.peers import logging_process, stop_and_read
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -40,15 +41,15 @@ def _stage_name() -> str:
     return os.environ.get("AIRNODE_STAGE", "?")
 
 
-def _mark(cfg: NodeConfig, suffix: str = "") -> Path:
+def _mark(cfg: NodeConfig, suffix: str = "", replica: int = 0) -> Path:
     d = cfg.node.data_dir / "pids"
     d.mkdir(parents=True, exist_ok=True)
     p = d / f"{_stage_name()}.{os.getpid()}{suffix}"
-    p.write_text("", encoding="utf-8")
+    p.write_text(str(replica), encoding="utf-8")
     return p
 
 
-def fake_steady(cfg: NodeConfig) -> None:
+def fake_steady(cfg: NodeConfig, replica: int) -> None:
     """Runs until SIGTERM, then records a clean stop."""
     stop = False
 
@@ -57,26 +58,26 @@ def fake_steady(cfg: NodeConfig) -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, _term)
-    _mark(cfg)
+    _mark(cfg, replica=replica)
     while not stop:
         time.sleep(0.05)
     _mark(cfg, ".stopped")
 
 
-def fake_crasher(cfg: NodeConfig) -> None:
+def fake_crasher(cfg: NodeConfig, replica: int) -> None:
     """Dies shortly after starting, like a stage hitting a fatal bug."""
     _mark(cfg)
     time.sleep(0.1)
     os._exit(3)
 
 
-def fake_raiser(cfg: NodeConfig) -> None:
+def fake_raiser(cfg: NodeConfig, replica: int) -> None:
     """Raises, like a stage with a bug."""
     _mark(cfg)
     raise RuntimeError("stage bug for the test")
 
 
-def fake_stubborn(cfg: NodeConfig) -> None:
+def fake_stubborn(cfg: NodeConfig, replica: int) -> None:
     """Ignores SIGTERM: the supervisor has to kill it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _mark(cfg)
@@ -201,6 +202,10 @@ def test_sigterm_stops_every_child_cleanly_and_exits_zero(start_node: Callable[.
     status = read_stage_status(node.data_dir / "run" / "stages.json")
     assert status is not None
     assert set(status["stages"]) == {"steady-0", "steady-1", "other"}
+    # Each copy was told its replica index (the worker's GPU comes from it).
+    for stage, replica in (("steady-0", "0"), ("steady-1", "1"), ("other", "0")):
+        (pid,) = _pids(node.data_dir, stage)
+        assert (node.data_dir / "pids" / f"{stage}.{pid}").read_text() == replica
 
     code, err = node.stop(signal.SIGTERM)
 
@@ -332,17 +337,9 @@ def test_status_file_logs_are_json_when_configured(tmp_path: Path) -> None:
         "'log_json': True}}); "
         "run(cfg, [StageSpec('steady', fake_steady)], RestartPolicy(stop_timeout_s=2))"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with logging_process([sys.executable, "-c", code]) as proc:
         _wait_for(lambda: len(_pids(data_dir, "steady")) == 1, "steady")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+        err = stop_and_read(proc)
     assert proc.returncode == 0, err
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert lines, "no log lines"
@@ -404,14 +401,10 @@ def test_airnode_serve_with_real_stages(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     cfg = load_config(conf)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "node.ops.cli", "serve", "--config", str(conf)],
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     base = f"http://127.0.0.1:{http_port}"
-    try:
+    with logging_process(
+        [sys.executable, "-m", "node.ops.cli", "serve", "--config", str(conf)]
+    ) as proc:
 
         def all_running() -> bool:
             try:
@@ -453,12 +446,7 @@ def test_airnode_serve_with_real_stages(tmp_path: Path) -> None:
         page = requests.get(base + "/", timeout=5).text
         assert page.count('<tr class="study" data-state="unrouted"') == 2
 
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+        err = stop_and_read(proc, 60)
     assert proc.returncode == 0, err[-3000:]
     assert not any(_alive(p) for p in stage_pids)
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]  # all JSON

@@ -16,18 +16,22 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_files
+from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from node.config import load_config
 from node.ops.synthetic import ct_series, write_series
+from node.store.db import init_db
 from tests.conftest import free_port, require_tool
 from tests.peers import make_ca, make_leaf
 
@@ -62,6 +66,10 @@ class Node:
             con.close()
 
 
+#: The ``make_node`` fixture: starts ``airnode receive`` (``extra`` TOML, ``tls``, ``name``).
+MakeNode = Callable[..., Node]
+
+
 def _write_cfg(path: Path, port: int, data_dir: Path, extra: str = "") -> None:
     level = "" if "log_level" in extra else 'log_level = "INFO"'
     path.write_text(
@@ -78,6 +86,7 @@ data_dir = "{data_dir}"
 
 
 def _start(cfg: Path, port: int, data_dir: Path, log: Path, tls: bool = False) -> Node:
+    init_db(load_config(cfg).node.resolved_database_url).dispose()  # as `airnode db upgrade`
     logf = log.open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.ops.cli", "receive", "--config", str(cfg)],
@@ -125,7 +134,7 @@ def _stop(node: Node) -> None:
 
 
 @pytest.fixture
-def make_node(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+def make_node(tmp_path: Path) -> Iterator[MakeNode]:
     started: list[Node] = []
 
     def make(extra: str = "", tls: bool = False, name: str = "node") -> Node:
@@ -249,8 +258,8 @@ def _bundled_files(dest: Path) -> dict[str, list[Path]]:
 
 @pytest.mark.slow
 def test_bundled_files_in_every_transfer_syntax_are_stored_intact(
-    make_node, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_node: MakeNode, tmp_path: Path
+) -> None:
     groups = _bundled_files(tmp_path / "files")
     assert set(_GROUPS) <= set(groups), f"missing test files for {set(_GROUPS) - set(groups)}"
     node = make_node()
@@ -368,13 +377,13 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(make_node, tmp_path: Path)
 def _crafted(path: Path, sop_class: str, sop_inst: str, body: bytes) -> Path:
     """A Part 10 file whose meta says (sop_class, sop_inst) followed by raw ``body``."""
     meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_inst
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
-    meta.ImplementationClassUID = "1.2.3.4"
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_inst)
+    meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
+    meta.ImplementationClassUID = UID("1.2.3.4")
     with path.open("wb") as f:
         f.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(f, meta, enforce_standard=True)
+        write_file_meta_info(DicomFileLike(f), meta, enforce_standard=True)
         f.write(body)
     return path
 
@@ -450,6 +459,8 @@ def _reject_reason(port: int, calling: str, called: str) -> tuple[int, int, int]
         return None
     assert assoc.is_rejected
     rsp = assoc.acceptor.primitive
+    assert rsp is not None and rsp.result is not None and rsp.result_source is not None
+    assert rsp.diagnostic is not None
     return (
         int(rsp.result),
         int(rsp.result_source),
@@ -504,8 +515,8 @@ def test_random_bytes_and_silent_clients_do_not_disturb_service(make_node) -> No
 # ------------------------------------------------------------------------- TLS
 @pytest.mark.slow
 def test_tls_trusted_client_succeeds_plaintext_and_untrusted_fail(
-    make_node, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_node: MakeNode, tmp_path: Path
+) -> None:
     d = tmp_path / "pki"
     d.mkdir()
     ca_key, ca_crt = make_ca(d, "ca")
@@ -562,8 +573,8 @@ def _children(pid: int) -> set[int]:
 
 @pytest.mark.slow
 def test_a_killed_receiver_process_is_replaced_and_service_continues(
-    make_node, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_node: MakeNode, tmp_path: Path
+) -> None:
     node = make_node(extra="receiver_processes = 2")
     before = _children(node.proc.pid)
     assert len(before) == 2

@@ -39,7 +39,8 @@ def _ai_equipment(ds: Dataset) -> Dataset:
         if it.PurposeOfReferenceCodeSequence[0].CodeValue == PROCESSING_ALGORITHM.value
     ]
     assert len(items) == 1
-    return items[0]
+    item: Dataset = items[0]
+    return item
 
 
 @pytest.mark.integration

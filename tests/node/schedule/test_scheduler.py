@@ -19,9 +19,10 @@ from sqlalchemy import select
 from node.config import NodeConfig, parse_config
 from node.schedule import scheduler
 from node.schedule.routing import Router
-from node.schedule.scheduler import infer_key, model_versions, tick
+from node.schedule.scheduler import TickReport, infer_key, installed_packages, tick
 from node.store import jobs
 from node.store.db import Database, Instance, Job, JobKind, JobStatus, Study, StudyState, init_db
+from tests.models.helpers import manifest, write_package_dir
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -32,10 +33,10 @@ FORCE = 600.0
 
 
 def write_package(root: Path, folder: str, name: str, version: str) -> Path:
-    pkg = root / folder
-    pkg.mkdir(parents=True)
-    (pkg / "manifest.toml").write_text(f'[model]\nname = "{name}"\nversion = "{version}"\n')
-    return pkg
+    """A valid package (manifest and a placeholder model.onnx) named ``name`` ``version``."""
+    data = manifest()
+    data["model"].update(name=name, version=version)
+    return write_package_dir(root / folder, data)
 
 
 def make_cfg(
@@ -394,29 +395,48 @@ def test_reopened_study_ceiling_counts_from_the_late_instance(
     assert len(infer_jobs(db)) == 1
 
 
+def tick_racing_an_arrival(
+    db: Database,
+    cfg: NodeConfig,
+    feed: Feed,
+    monkeypatch: pytest.MonkeyPatch,
+    study: str,
+    series: str,
+    *,
+    arrives: float,
+    now: float,
+) -> tuple[TickReport, str]:
+    """One pass at ``now`` during which the receiver commits an instance (received at
+    ``arrives``) between the scheduler's read and its write; returns its SOP UID too."""
+    real = scheduler._series_of
+    late: list[str] = []
+
+    def racing(db_: Database, uid: str) -> list[Any]:
+        out = real(db_, uid)
+        late.append(feed.add(study, series, arrives))
+        return out
+
+    monkeypatch.setattr(scheduler, "_series_of", racing)
+    report = tick(db, cfg, now=now)
+    monkeypatch.setattr(scheduler, "_series_of", real)
+    return report, late[0]
+
+
 def test_instance_arriving_during_a_pass_is_not_lost(
     db: Database, cfg: NodeConfig, feed: Feed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The receiver commits an instance between the scheduler's read and its write."""
     study = generate_uid()
     series, _ = feed.series(study, 2, T0)
-    real = scheduler._series_of
-    late: list[str] = []
-
-    def racing(db_: Database, uid: str) -> list[Any]:
-        out = real(db_, uid)
-        late.append(feed.add(study, series, T0 + STABLE + 0.5))
-        return out
-
-    monkeypatch.setattr(scheduler, "_series_of", racing)
-    report = tick(db, cfg, now=T0 + STABLE + 1)
-    monkeypatch.setattr(scheduler, "_series_of", real)
+    report, late = tick_racing_an_arrival(
+        db, cfg, feed, monkeypatch, study, series, arrives=T0 + STABLE + 0.5, now=T0 + STABLE + 1
+    )
     assert report.skipped_changed == [study] and infer_jobs(db) == []
     assert study_row(db, study).state == StudyState.RECEIVING
 
     report = tick(db, cfg, now=T0 + 2 * STABLE + 1)
     (job,) = infer_jobs(db)
-    assert late[0] in job.payload["sop_instance_uids"]
+    assert late in job.payload["sop_instance_uids"]
     assert len(job.payload["sop_instance_uids"]) == 3
 
 
@@ -427,23 +447,15 @@ def test_forced_study_changed_during_a_pass_is_finished_and_taken_again(
     series = generate_uid()
     feed.add(study, series, T0)
     feed.add(study, series, T0 + FORCE)  # still arriving at the ceiling
-    real = scheduler._series_of
-    late: list[str] = []
-
-    def racing(db_: Database, uid: str) -> list[Any]:
-        out = real(db_, uid)
-        late.append(feed.add(study, series, T0 + FORCE + 0.5))
-        return out
-
-    monkeypatch.setattr(scheduler, "_series_of", racing)
-    report = tick(db, cfg, now=T0 + FORCE + 1)
-    monkeypatch.setattr(scheduler, "_series_of", real)
+    report, late = tick_racing_an_arrival(
+        db, cfg, feed, monkeypatch, study, series, arrives=T0 + FORCE + 0.5, now=T0 + FORCE + 1
+    )
     assert report.scheduled == [study] and len(infer_jobs(db)) == 1
-    assert late[0] not in infer_jobs(db)[0].payload["sop_instance_uids"]
+    assert late not in infer_jobs(db)[0].payload["sop_instance_uids"]
     # The instance that came in during the pass is a late arrival: its own run follows.
     report = tick(db, cfg, now=T0 + FORCE + STABLE + 2)
     assert len(report.jobs_created) == 1
-    assert late[0] in infer_jobs(db)[1].payload["sop_instance_uids"]
+    assert late in infer_jobs(db)[1].payload["sop_instance_uids"]
 
 
 def test_infer_key_depends_on_input_and_version_not_order() -> None:
@@ -462,8 +474,7 @@ def test_new_model_version_gives_a_new_job(tmp_path: Path, db: Database) -> None
     study = generate_uid()
     feed.series(study, 1, T0)
     tick(db, cfg, now=T0 + STABLE + 1)
-    manifest = tmp_path / "models" / "ct" / "manifest.toml"
-    manifest.write_text('[model]\nname = "ct-lesion"\nversion = "2.2"\n')
+    write_package(tmp_path / "models", "ct-2.2", "ct-lesion", "2.2")
     with db.session() as s:  # an operator asks for the study to be evaluated again
         row = s.scalar(select(Study).where(Study.study_instance_uid == study))
         assert row is not None
@@ -473,20 +484,56 @@ def test_new_model_version_gives_a_new_job(tmp_path: Path, db: Database) -> None
     assert [j.payload["model_version"] for j in infer_jobs(db)] == ["2.1", "2.2"]
 
 
-def test_model_versions_reads_manifests(tmp_path: Path) -> None:
+def test_installed_packages_reads_every_version_of_every_dir(tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     write_package(first, "p1", "cxr-nodule", "1.0")
-    write_package(second, "p1", "cxr-nodule", "9.9")  # shadowed by the earlier dir
-    (second / "flat").mkdir()
-    (second / "flat" / "manifest.toml").write_text('name = "flat"\nversion = 3\n')
+    write_package(second, "p1", "cxr-nodule", "9.9")
     (second / "broken").mkdir()
     (second / "broken" / "manifest.toml").write_text("[model\nname=")
     (second / "noversion").mkdir()
     (second / "noversion" / "manifest.toml").write_text('[model]\nname = "nov"\n')
     (second / "empty").mkdir()
     single = write_package(tmp_path / "c", "only", "single", "0.1")
-    found = model_versions([first, second, tmp_path / "missing", single])
-    assert found == {"cxr-nodule": "1.0", "flat": "3", "single": "0.1"}
+    found = installed_packages([first, second, tmp_path / "missing", single])
+    assert {n: sorted(v) for n, v in found.items()} == {
+        "cxr-nodule": ["1.0", "9.9"],
+        "single": ["0.1"],
+    }
+
+
+def test_a_route_pins_a_version_otherwise_the_highest_runs(tmp_path: Path, db: Database) -> None:
+    write_package(tmp_path / "old", "cxr", "cxr-nodule", "1.0.0")
+    write_package(tmp_path / "new", "cxr", "cxr-nodule", "2.0.0")
+    routes = [
+        {"name": "latest", "model": "cxr-nodule", "match": {"Modality": ["DX"]}},
+        {
+            "name": "pinned",
+            "model": "cxr-nodule",
+            "model_version": "1.0.0",
+            "match": {"Modality": ["DX"]},
+        },
+        {
+            "name": "gone",
+            "model": "cxr-nodule",
+            "model_version": "0.5",
+            "match": {"Modality": ["DX"]},
+        },
+    ]
+    cfg = make_cfg(tmp_path, routes)
+    cfg = cfg.model_copy(
+        update={
+            "inference": cfg.inference.model_copy(
+                update={"model_dirs": [tmp_path / "old", tmp_path / "new"]}
+            )
+        }
+    )
+    feed = Feed(db, cfg)
+    study = generate_uid()
+    feed.series(study, 1, T0, modality="DX", sop_class=DX)
+    report = tick(db, cfg, now=T0 + STABLE + 1)
+    assert len(report.jobs_created) == 2
+    assert sorted(j.payload["model_version"] for j in infer_jobs(db)) == ["1.0.0", "2.0.0"]
+    assert any("version '0.5'" in e for e in report.errors)
 
 
 def test_tick_checks_one_broken_study_does_not_stop_others(
@@ -637,9 +684,9 @@ def test_studies_sent_with_storescu_get_exactly_one_job_per_model(tmp_path: Path
     small = ct_series(3, 32, 32, seed=2)  # no rule takes 32x32
     files = write_series(ct, tmp_path / "ct") + write_series(small, tmp_path / "small")
     files += write_series([dx_image(rows=128, cols=128, seed=3)], tmp_path / "dx")
+    db = init_db(cfg.node.resolved_database_url)
     receiver = Receiver(cfg)
     receiver.start()
-    db = init_db(cfg.node.resolved_database_url)
     try:
 
         def send(paths: list[Path]) -> None:

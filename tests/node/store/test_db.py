@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,21 +14,18 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
-from node.store.db import MIGRATIONS_DIR, Base, Database, Job, JobKind, JobStatus, init_db, now
+from node.store.db import (
+    MIGRATIONS_DIR,
+    Base,
+    Database,
+    Job,
+    JobKind,
+    JobStatus,
+    SchemaError,
+    init_db,
+    now,
+)
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def anydb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'sub' / 'dir' / 'db.sqlite'}"  # parents are created
-    else:
-        url = request.getfixturevalue("pg_url")
-    database = init_db(url)
-    try:
-        yield database
-    finally:
-        database.dispose()
 
 
 def _job(key: str, status: str = "queued") -> Job:
@@ -136,3 +133,79 @@ def test_read_session_does_not_block_writers(db: Database) -> None:
         other.close()
     with db.read() as s:
         assert s.query(Job).count() == 1
+
+
+# ---------------------------------------------------- migration 0002: typed job columns
+
+
+def test_migration_0002_moves_destination_and_result_uid_into_columns(tmp_path: Path) -> None:
+    """A database created at 0001 with jobs in it: after the upgrade the send jobs'
+    destination and result SOP Instance UID are columns (taken from their payloads),
+    infer jobs have neither, and unfinished infer jobs get their kind's attempts."""
+    from alembic import command
+
+    from node.store.db import _alembic_config, head_revision, open_db, schema_revision
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    old = Database(url)
+    cfg = _alembic_config()
+    with old.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    assert schema_revision(old) == "0001"
+    rows = [
+        ("infer", "queued", "infer:1.2:m@1:abc", {"model": "m", "model_version": "1"}, 10),
+        ("infer", "done", "infer:1.2:m@1:def", {"model": "m", "model_version": "1"}, 10),
+        (
+            "send",
+            "done",
+            "send:1.2.3.4:pacs",
+            {
+                "result_id": 1,
+                "sop_instance_uid": "1.2.3.4",
+                "path": "ab/c.dcm",
+                "destination": "pacs",
+            },
+            10,
+        ),
+        (
+            "send",
+            "queued",
+            "send:1.2.3.4:archive:b",
+            {
+                "result_id": 1,
+                "sop_instance_uid": "1.2.3.4",
+                "path": "ab/c.dcm",
+                "destination": "archive:b",
+            },
+            25,
+        ),
+    ]
+    with old.engine.begin() as conn:
+        for kind, status, key, payload, max_attempts in rows:
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (kind, status, idempotency_key, payload, attempts, "
+                    "max_attempts, not_before, created_at, updated_at) "
+                    "VALUES (:k, :s, :key, :p, 0, :m, 0, 0, 0)"
+                ),
+                {"k": kind, "s": status, "key": key, "p": json.dumps(payload), "m": max_attempts},
+            )
+    with pytest.raises(SchemaError, match="database schema is at 0001"):
+        open_db(url)
+    old.dispose()
+
+    db = init_db(url)
+    assert schema_revision(db) == head_revision()
+    with db.read() as s:
+        got = {
+            j.idempotency_key: (j.destination, j.result_sop_instance_uid, j.max_attempts)
+            for j in s.query(Job)
+        }
+    assert got == {
+        "infer:1.2:m@1:abc": (None, None, 3),
+        "infer:1.2:m@1:def": (None, None, 10),  # finished: its record stays as it was
+        "send:1.2.3.4:pacs": ("pacs", "1.2.3.4", 10),
+        "send:1.2.3.4:archive:b": ("archive:b", "1.2.3.4", 25),
+    }
+    db.dispose()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import random
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +26,6 @@ Q, R, D, F, X = (
     JobStatus.FAILED,
     JobStatus.DEAD,
 )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def anydb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    database = init_db(url)
-    try:
-        yield database
-    finally:
-        database.dispose()
 
 
 def put(db: Database, key: str = "k", kind: JobKind = JobKind.INFER, **kw: object) -> int:
@@ -401,3 +387,53 @@ def test_processes_racing_to_enqueue_the_same_keys_make_one_job_each(
     assert set(created.values()) == {1}  # exactly one process created each job
     with anydb.read() as s:
         assert len(s.scalars(select(Job.id)).all()) == 100
+
+
+# ------------------------------------------- the retry policy belongs to the job kind
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("reaper", ["scheduler", "worker"])
+def test_a_crashed_job_gets_its_own_kinds_attempts_whoever_reaps(
+    tmp_path: Path, reaper: str
+) -> None:
+    """An infer job and a send job crash their process again and again; each ends dead
+    after the attempts of its own kind, whichever process's reaper returns them."""
+    import socket
+
+    from node.config import NodeConfig
+    from node.work.worker import Worker
+
+    cfg = NodeConfig.model_validate(
+        {"node": {"data_dir": str(tmp_path / "data")}, "send": {"max_attempts": 4}}
+    )
+    db = init_db(cfg.node.resolved_database_url)
+    # Enqueued the way the scheduler and the outbox enqueue them.
+    infer_id, _ = jobs.enqueue(db, JobKind.INFER, "infer:1", {"model": "m"})
+    send_id, _ = jobs.enqueue(
+        db, JobKind.SEND, "send:1:pacs", {"destination": "pacs"}, max_attempts=4
+    )
+    dead_owner = f"worker:{socket.gethostname()}:{_dead_pid()}"
+    claims: Counter[JobKind] = Counter()
+    for _ in range(12):
+        for kind, owner in ((JobKind.INFER, dead_owner), (JobKind.SEND, "sender:gone/pacs")):
+            if jobs.claim(db, kind, owner, lease_s=600) is not None:
+                claims[kind] += 1
+        with db.session() as s:  # both processes died and their leases ran out
+            s.execute(update(Job).where(Job.status == R).values(lease_expires_at=now() - 1))
+        if reaper == "scheduler":
+            jobs.reap_expired(db)
+        else:
+            Worker(cfg, db).release_orphans()
+    assert claims == {JobKind.INFER: 3, JobKind.SEND: 4}
+    for job_id, n in ((infer_id, 3), (send_id, 4)):
+        job = get(db, job_id)
+        assert job.status == X and (job.last_error or "").startswith(f"gave up after {n}")
+    db.dispose()

@@ -168,6 +168,12 @@ def test_infer_job_becomes_results_in_the_outbox_with_send_jobs(
         sorted((r.sop_instance_uid, d) for r in rows for d in DESTINATIONS)
     )
     assert all(j.status == JobStatus.QUEUED and j.parent_id == job_id for j in sends)
+    # The destination and the result's UID are columns too (claims and clean-up use them).
+    assert all(
+        (j.result_sop_instance_uid, j.destination)
+        == (j.payload["sop_instance_uid"], j.payload["destination"])
+        for j in sends
+    )
     assert {j.max_attempts for j in sends} == {cfg.send.max_attempts}
     db.dispose()
 
@@ -224,7 +230,19 @@ def test_missing_model_ends_dead_with_a_readable_reason(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_model_version_changed_ends_dead(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        ({"model_version": "9.9.9"}, "version 0.0.1, the job asked for 9.9.9"),
+        # A payload that does not fit its kind is named, key by key, in one line.
+        ({"sop_instance_uids": None}, "payload.sop_instance_uids: Input should be a valid list"),
+        ({"model": ""}, "payload.model: String should have at least 1 character"),
+    ],
+    ids=["model-version-changed", "no-instances", "no-model"],
+)
+def test_a_job_the_worker_cannot_run_ends_dead_at_once(
+    tmp_path: Path, edit: dict[str, object], reason: str
+) -> None:
     cfg = make_cfg(tmp_path)
     db = init_db(cfg.node.resolved_database_url)
     receive(db, cfg, dx_study())
@@ -232,11 +250,12 @@ def test_model_version_changed_ends_dead(tmp_path: Path) -> None:
     with db.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        job.payload = {**job.payload, "model_version": "9.9.9"}
+        job.payload = {**job.payload, **edit}
     Worker(cfg, db).run_one()
     job = job_row(db, job_id)
-    assert job.status == JobStatus.DEAD
-    assert "version 0.0.1, the job asked for 9.9.9" in (job.last_error or "")
+    assert job.status == JobStatus.DEAD and job.attempts == 1
+    assert reason in (job.last_error or "") and "\n" not in (job.last_error or "")
+    assert results(db) == [] and send_jobs(db) == []
     db.dispose()
 
 
@@ -295,7 +314,8 @@ def crashing_worker_main(cfg_json: str, phase: str, marker: str, recovery: str) 
     if phase == "inference":
         fake.FakeBackend._run = lambda self, batch: stall()  # type: ignore[assignment,method-assign,return-value]
     else:
-        write = outbox.write_durable
+        from node.store.durable import write_durable as write
+
         count = 0
 
         def slow_write(target: Path, data: bytes) -> None:
@@ -305,7 +325,8 @@ def crashing_worker_main(cfg_json: str, phase: str, marker: str, recovery: str) 
             if count == 2:
                 stall()
 
-        outbox.write_durable = slow_write
+        # The outbox calls write_durable by the name it imported.
+        pytest.MonkeyPatch().setattr(outbox, "write_durable", slow_write)
     if recovery == "lease":
         Worker(cfg, db, lease_s=2.0, owner="worker:doomed").run_one()
     else:
@@ -438,3 +459,83 @@ def test_a_package_upgraded_while_the_worker_runs_is_picked_up(tmp_path: Path) -
     assert job.status == JobStatus.DONE, job.last_error
     assert worker.predictor("cxr-nodule", "0.0.2").package.version == "0.0.2"
     db.dispose()
+
+
+# ------------------------------------------- one package rule for scheduler and worker
+
+
+def two_version_cfg(tmp_path: Path, pin: str | None = None) -> NodeConfig:
+    """``cxr-nodule`` 1.0.0 in the first model dir, 2.0.0 in the second."""
+    old = fake_packages(tmp_path / "pkgs-a", version="1.0.0")
+    new = fake_packages(tmp_path / "pkgs-b", version="2.0.0")
+    cfg = make_cfg(tmp_path, model_dirs=[old, new])
+    if pin is None:
+        return cfg
+    routes = [r.model_copy(update={"model_version": pin}) for r in cfg.routes]
+    return cfg.model_copy(update={"routes": routes})
+
+
+@pytest.mark.parametrize(("pin", "expected"), [(None, "2.0.0"), ("1.0.0", "1.0.0")])
+def test_two_versions_in_two_model_dirs_run_end_to_end(
+    tmp_path: Path, pin: str | None, expected: str
+) -> None:
+    """Scheduler and worker agree: the highest version wins unless the route pins one."""
+    cfg = two_version_cfg(tmp_path, pin)
+    db = init_db(cfg.node.resolved_database_url)
+    receive(db, cfg, dx_study())
+    (job_id,) = schedule(db, cfg)
+    assert job_row(db, job_id).payload["model_version"] == expected
+    worker = Worker(cfg, db)
+    assert worker.run_one() is True
+    job = job_row(db, job_id)
+    assert job.status == JobStatus.DONE, job.last_error
+    assert results(db) and send_jobs(db)
+    assert worker.predictor("cxr-nodule", expected).package.version == expected
+    db.dispose()
+
+
+# ------------------------------------------------------------------ one worker per GPU
+
+
+@pytest.mark.parametrize(
+    ("visible", "devices"),
+    [("0,1", [0, 1, 0, 1]), ("4,6,7", [0, 1, 2, 0]), ("3", [0, 0, 0, 0]), ("", [None] * 4)],
+)
+def test_each_worker_replica_runs_on_its_own_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, visible: str, devices: list[int | None]
+) -> None:
+    """``inference.workers = N`` on N GPUs: replica i uses GPU i (an ordinal within
+    ``CUDA_VISIBLE_DEVICES``); more replicas than GPUs share them round-robin; with no
+    GPU visible every worker runs on the CPU.  The fake backend records its device."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    cfg = make_cfg(tmp_path)
+    db = init_db(cfg.node.resolved_database_url)
+    for replica, device in enumerate(devices):
+        receive(db, cfg, [dx_image(rows=64, cols=64, seed=10 + replica)])
+        (job_id,) = schedule(db, cfg)
+        worker = Worker.for_replica(cfg, db, replica)
+        assert worker.run_one() is True
+        assert job_row(db, job_id).status == JobStatus.DONE
+        backend = worker.predictor("cxr-nodule", "0.0.1").backend
+        assert getattr(backend, "device_index", "missing") == device
+        assert backend.device == ("cpu" if device is None else f"cuda:{device}")
+    db.dispose()
+
+
+def test_visible_gpus_reads_cuda_visible_devices_then_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.backends import device_for_replica, visible_gpus
+
+    for env, n in (("0,1", 2), ("", 0), ("-1", 0), ("2,-1,3", 1), (" 1 , 0 ", 2)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+        assert visible_gpus() == n, env
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    driver = tmp_path / "gpus"
+    for bus in ("0000:17:00.0", "0000:65:00.0", "0000:b1:00.0"):
+        (driver / bus).mkdir(parents=True)
+    assert visible_gpus(driver) == 3
+    assert visible_gpus(tmp_path / "no-driver") == 0
+    assert [device_for_replica(i, gpus=3) for i in range(5)] == [0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="replica"):
+        device_for_replica(-1, gpus=1)
