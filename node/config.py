@@ -103,6 +103,13 @@ class SecurityConfig(_Model):
     max_associations: int = Field(default=16, ge=1)
     max_associations_per_host: int = Field(default=8, ge=1)
     max_instance_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    #: Maximum PDU length announced to peers (PS3.8 D.1); larger PDUs are refused
+    #: before they are buffered.
+    max_pdu_bytes: int = Field(default=4 * 1024**2, ge=4096, le=256 * 1024**2)
+    #: A PDU must arrive at least this fast (after network_timeout_s of grace).
+    min_rate_bytes_per_s: float = Field(default=16 * 1024, gt=0)
+    #: How long a C-STORE waits for a locked database before answering 0xA700.
+    db_lock_timeout_s: float = Field(default=5.0, gt=0, le=60)
     min_free_bytes: int = Field(default=512 * 1024**2, ge=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)

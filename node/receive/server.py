@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
@@ -41,12 +41,14 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.config import NodeConfig, SecurityConfig, TlsConfig
 from node.logs import configure_logging, uid_tag
+from node.receive.limits import Limits, Refusal, install, remove_temp_files
 from node.receive.spool import Spool, Status, StoreOutcome
 from node.store.db import init_db
 
@@ -192,14 +194,21 @@ class _Policy:
 
 
 class _GuardedACSE(ACSE):
-    """ACSE whose acceptor first applies the node's association policy."""
+    """ACSE whose acceptor first applies the node's association policy.
+
+    The association slot itself is taken when the connection is accepted
+    (:class:`_RequestHandler`), so half-open connections count as well.
+    """
 
     policy: _Policy
-    guard: AssociationGuard
-    slot_host: str | None = None
+    release_slot: Callable[[], None]
 
     def _negotiate_as_acceptor(self) -> None:
         rq = self.requestor.primitive
+        if not isinstance(rq, A_ASSOCIATE):  # the connection ended before a request
+            self.release_slot()
+            self.assoc.kill()
+            return
         calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
         called = str(getattr(rq, "called_ae_title", "") or "").strip()
         host = str(self.assoc.requestor.address)
@@ -210,14 +219,11 @@ class _GuardedACSE(ACSE):
             reject, why = (0x01, 0x01, 0x03), "calling AE title not allowed"
         elif called != self.policy.ae_title:
             reject, why = (0x01, 0x01, 0x07), "called AE title is not ours"
-        else:
-            refused = self.guard.acquire(host)
-            if refused:
-                reject, why = (0x02, 0x03, 0x02), refused
-            else:
-                self.slot_host = host
         if reject is not None:
             log.warning("association from %s (calling AE %r) rejected: %s", host, calling, why)
+            # A rejected peer may keep its socket open until ARTIM expires; its
+            # slot is free from now on.
+            self.release_slot()
             self.send_reject(*reject)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
@@ -225,34 +231,57 @@ class _GuardedACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+#: A-ASSOCIATE-RJ, rejected-transient, service-provider (presentation), local limit
+#: exceeded (PS3.8 §9.3.4): sent in place of reading the request of a connection
+#: over the association limits.
+_RJ_LIMIT = bytes([0x03, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x02, 0x03, 0x02])
+
+
 class _RequestHandler(RequestHandler):
-    """Runs one connection: TLS handshake (with a timeout), the association, clean-up."""
+    """Runs one connection: a slot, TLS handshake (with a timeout), the association,
+    clean-up of its slot and temp files however it ends."""
 
     def handle(self) -> None:
         server = cast("_Server", self.server)
         sock = self.request
-        if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.settimeout(server.policy.handshake_timeout_s)
-                sock.do_handshake()
-                sock.settimeout(server.read_timeout_s)
-            except (OSError, ssl.SSLError) as exc:
-                log.warning(
-                    "TLS handshake with %s failed: %s", self.client_address[0], type(exc).__name__
-                )
+        host = str(self.client_address[0])
+        refused = server.guard.acquire(host)
+        if refused:
+            log.warning("connection from %s refused: %s", host, refused)
+            if not isinstance(sock, ssl.SSLSocket):
                 with contextlib.suppress(OSError):
-                    sock.close()
-                return
-        assoc = self._create_association()
-        acse = _GuardedACSE(assoc)
-        acse.policy = server.policy
-        acse.guard = server.guard
-        assoc.acse = acse
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
-        assoc.join()
-        if acse.slot_host is not None:
-            server.guard.release(acse.slot_host)
+                    sock.sendall(_RJ_LIMIT)
+            return
+        files: set[str] = set()
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                server.guard.release(host)
+
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                try:
+                    sock.settimeout(server.policy.handshake_timeout_s)
+                    sock.do_handshake()
+                    sock.settimeout(server.limits.read_timeout_s)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("TLS handshake with %s failed: %s", host, type(exc).__name__)
+                    return
+            assoc = self._create_association()
+            files = install(assoc, server.limits)
+            acse = _GuardedACSE(assoc)
+            acse.policy = server.policy
+            acse.release_slot = release
+            assoc.acse = acse
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+        finally:
+            release()
+            if remove_temp_files(files):
+                log.info("removed the partial transfer of an association from %s", host)
 
 
 class _Server(ThreadedAssociationServer):
@@ -260,8 +289,10 @@ class _Server(ThreadedAssociationServer):
 
     policy: _Policy
     guard: AssociationGuard
-    read_timeout_s: float = 60.0
+    limits: Limits
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections during a burst.
+    request_queue_size = 256
 
     def server_bind(self) -> None:
         sock = cast(socket.socket, self.socket)
@@ -275,9 +306,8 @@ class _Server(ThreadedAssociationServer):
         sock = cast(socket.socket, self.socket)
         client, address = sock.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # pynetdicom reads a whole PDU with blocking recv(); without a timeout a
-        # peer that announces a long PDU and goes quiet holds its thread forever.
-        client.settimeout(self.read_timeout_s)
+        # The bounded DUL (node.receive.limits) sets its own deadline per recv.
+        client.settimeout(self.limits.read_timeout_s)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
@@ -323,6 +353,15 @@ class Receiver:
             allowed_hosts=frozenset(sec.allowed_hosts),
             handshake_timeout_s=sec.acse_timeout_s,
         )
+        self.limits = Limits(
+            max_pdu_bytes=sec.max_pdu_bytes,
+            negotiation_s=sec.acse_timeout_s,
+            read_timeout_s=sec.network_timeout_s,
+            min_rate_bytes_per_s=sec.min_rate_bytes_per_s,
+            max_instance_bytes=sec.max_instance_bytes,
+            min_free_bytes=sec.min_free_bytes,
+            spool_root=cfg.node.spool_dir,
+        )
         self.index = index
         self._server: _Server | None = None
         self._old_tempdir: str | None = None
@@ -343,6 +382,10 @@ class Receiver:
             calling = str(event.assoc.requestor.ae_title).strip()
             peer = str(event.assoc.requestor.address)
             path = getattr(event, "dataset_path", None)
+            refused: dict[str, Refusal] = getattr(event.assoc.dimse, "refused", {})
+            refusal = refused.pop(str(path), None) if path else None
+            if refusal is not None:  # refused while streaming in (node.receive.limits)
+                return _status(StoreOutcome(Status(refusal[0]), refusal[1]))
             kwargs: dict[str, Any] = {
                 "command_sop_class_uid": str(req.AffectedSOPClassUID or ""),
                 "command_sop_instance_uid": str(req.AffectedSOPInstanceUID or ""),
@@ -391,7 +434,8 @@ class Receiver:
         ae.network_timeout = sec.network_timeout_s
         ae.acse_timeout = sec.acse_timeout_s
         ae.dimse_timeout = sec.dimse_timeout_s
-        ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs
+        # Announced in the A-ASSOCIATE-AC; larger PDUs are refused before buffering.
+        ae.maximum_pdu_size = sec.max_pdu_bytes
         ae.require_called_aet = False  # checked by the guard
         ae.supported_contexts = storage_contexts()
         tls = server_tls_context(sec.tls) if sec.tls else None
@@ -411,7 +455,7 @@ class Receiver:
         )
         server.policy = self.policy
         server.guard = self.guard
-        server.read_timeout_s = sec.network_timeout_s
+        server.limits = self.limits
         thread = threading.Thread(target=server.serve_forever, name="receiver-accept", daemon=True)
         thread.start()
         ae._servers.append(server)
