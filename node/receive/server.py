@@ -343,7 +343,7 @@ class Receiver:
         self.guard = guard or AssociationGuard(sec.max_associations, sec.max_associations_per_host)
         self.spool = Spool(
             cfg.node.spool_dir,
-            init_db(cfg.node.resolved_database_url),
+            init_db(cfg.node.resolved_database_url, busy_timeout_s=sec.db_lock_timeout_s),
             min_free_bytes=sec.min_free_bytes,
             max_instance_bytes=sec.max_instance_bytes,
         )
