@@ -11,8 +11,11 @@ needs around it:
   connection's own thread with a timeout, so a silent or plaintext client cannot
   stall the accept loop (pynetdicom does it in the accept loop);
 - several processes accepting on one port (``SO_REUSEPORT``) so that ingest is not
-  bound to one GIL, with the association limits shared through a small array of
-  counters in shared memory (one row per process, zeroed when a process is replaced);
+  bound to one GIL: replicas of the receiver stage run by the one supervisor
+  (:mod:`node.ops.supervisor`), with the association limits shared through a small
+  file of counters mapped by each (one row per replica, zeroed when it is replaced);
+  the port is claimed once by their owner (:func:`claim_port`), so no other program
+  or second node can share it;
 - pynetdicom's chunked receive (``STORE_RECV_CHUNKED_DATASET``) with its temp files in
   ``spool/tmp``: a data set goes from the socket to a file on the spool's own file
   system and is hard-linked into place, never held whole in memory.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
+import mmap
 import os
 import shutil
 import signal
@@ -32,9 +35,8 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,12 +52,15 @@ from node.config import NodeConfig, SecurityConfig, TlsConfig
 from node.logs import configure_logging, uid_tag
 from node.receive.limits import Limits, Refusal, install, remove_temp_files
 from node.receive.spool import Spool, Status, StoreOutcome
-from node.store.db import init_db
+from node.store.db import Database, init_db
 
 __all__ = [
+    "SUPERVISED_ENV",
     "TRANSFER_SYNTAXES",
     "AssociationGuard",
     "Receiver",
+    "claim_port",
+    "reconcile_spool",
     "run",
     "server_tls_context",
     "storage_contexts",
@@ -343,7 +348,7 @@ class Receiver:
         self.guard = guard or AssociationGuard(sec.max_associations, sec.max_associations_per_host)
         self.spool = Spool(
             cfg.node.spool_dir,
-            init_db(cfg.node.resolved_database_url, busy_timeout_s=sec.db_lock_timeout_s),
+            self._open_db(cfg),
             min_free_bytes=sec.min_free_bytes,
             max_instance_bytes=sec.max_instance_bytes,
         )
@@ -366,6 +371,13 @@ class Receiver:
         self._server: _Server | None = None
         self._old_tempdir: str | None = None
         self._ae: AE | None = None
+
+    @staticmethod
+    def _open_db(cfg: NodeConfig) -> Database:
+        url, timeout = cfg.node.resolved_database_url, cfg.security.db_lock_timeout_s
+        if os.environ.get(SUPERVISED_ENV) == "1":  # migrated by the supervisor: start fast
+            return Database(url, busy_timeout_s=timeout)
+        return init_db(url, busy_timeout_s=timeout)
 
     # Handlers -----------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
@@ -485,6 +497,12 @@ class Receiver:
 
 
 # ------------------------------------------------------------------------ processes
+#: Set by the process that owns the DICOM port (``airnode serve``, or ``airnode
+#: receive`` with several replicas) for the receiver replicas it starts: the port was
+#: checked, the database migrated and the spool reconciled once, by the owner.
+SUPERVISED_ENV = "AIRNODE_RECEIVER_SUPERVISED"
+
+
 def _install_stop_handlers(stop: threading.Event) -> None:
     def _handler(signum: int, _frame: Any) -> None:
         stop.set()
@@ -493,107 +511,130 @@ def _install_stop_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, _handler)
 
 
-def _serve_child(cfg: NodeConfig, counters: Any, index: int, processes: int) -> None:
-    configure_logging(
-        cfg.node.log_level,
-        json_lines=cfg.node.log_json,
-        show_phi=cfg.node.log_phi,
-        stage=f"receiver-{index}",
-    )
-    stop = threading.Event()
-    _install_stop_handlers(stop)
+def claim_port(cfg: NodeConfig) -> socket.socket:
+    """Make this process the one owner of the DICOM port, or exit with one line.
+
+    Replicas bind with ``SO_REUSEPORT``, which would also let a second, misconfigured
+    node (same user) bind the port silently and take a share of the connections.  So
+    the owner first takes a machine-wide name for the port (an abstract Unix socket,
+    released by the kernel when the process ends, even on ``kill -9``): a second
+    airnode is refused.  Then it checks that nothing else listens there: a foreign
+    program using ``SO_REUSEPORT`` is refused too.  Keep the returned socket open for
+    as long as the receivers run.
+    """
+    host, port = cfg.node.host, cfg.node.port
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0airnode-dicom-port-{port}")
+    except OSError:
+        lock.close()
+        log.error(
+            "another airnode already serves DICOM port %d on this machine; "
+            "stop it or set [node] port",
+            port,
+        )
+        raise SystemExit(2) from None
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    with socket.socket(socket.AF_INET6 if ":" in probe_host else socket.AF_INET) as probe:
+        probe.settimeout(1.0)
+        taken = probe.connect_ex((probe_host, port)) == 0
+    if taken:
+        lock.close()
+        log.error(
+            "another program already listens on DICOM port %d (%s); stop it or set [node] port",
+            port,
+            host,
+        )
+        raise SystemExit(2)
+    return lock
+
+
+def reconcile_spool(cfg: NodeConfig) -> dict[str, int]:
+    """Bring the spool and its rows in line (at start-up, before any replica listens)."""
     sec = cfg.security
-    guard = AssociationGuard(
-        sec.max_associations,
-        sec.max_associations_per_host,
-        counters=counters,
-        index=index,
-        processes=processes,
-    )
-    receiver = Receiver(cfg, guard, index)
-    receiver.start()
-    while not stop.wait(1.0):
-        pass
-    receiver.stop()
+    db = init_db(cfg.node.resolved_database_url)
+    try:
+        spool = Spool(
+            cfg.node.spool_dir,
+            db,
+            min_free_bytes=sec.min_free_bytes,
+            max_instance_bytes=sec.max_instance_bytes,
+        )
+        return spool.reconcile()
+    finally:
+        db.dispose()
+
+
+def _shared_counters(cfg: NodeConfig, processes: int) -> Any:
+    """The association counters of all replicas: a small file mapped by each of them.
+
+    One row per replica, written only by its owner (reset when it starts, so a
+    replica that died frees its slots when it is replaced), summed by everyone.
+    """
+    path = cfg.node.data_dir / "run" / f"receiver-{cfg.node.port}.slots"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = processes * (1 + _BUCKETS) * 4
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        mapped = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    return memoryview(mapped).cast("i")
 
 
 def run(cfg: NodeConfig) -> None:
-    """``airnode receive``: reconcile the spool, listen until SIGTERM/SIGINT, stop cleanly."""
+    """``airnode receive`` (or one receiver replica): listen until SIGTERM/SIGINT.
+
+    Alone, it claims the port and reconciles the spool first.  As one of
+    ``receiver_processes`` replicas started by the supervisor (``SUPERVISED_ENV``),
+    the supervisor did both, and the replica starts at once: it is what stands
+    between a crash and the DICOM port being open again.
+    """
+    stage = os.environ.get("AIRNODE_STAGE") or "receiver"
     configure_logging(
         cfg.node.log_level,
         json_lines=cfg.node.log_json,
         show_phi=cfg.node.log_phi,
-        stage="receiver",
+        stage=stage,
     )
     sec = cfg.security
-    db = init_db(cfg.node.resolved_database_url)
-    spool = Spool(
-        cfg.node.spool_dir,
-        db,
-        min_free_bytes=sec.min_free_bytes,
-        max_instance_bytes=sec.max_instance_bytes,
-    )
-    spool.reconcile()
-    db.dispose()
+    lock: socket.socket | None = None
+    if os.environ.get(SUPERVISED_ENV) != "1":
+        lock = claim_port(cfg)
+        reconcile_spool(cfg)
     n = cfg.node.receiver_processes
+    index = int(os.environ.get("AIRNODE_STAGE_INDEX", "0")) if n > 1 else 0
+    guard = None
+    if n > 1:
+        guard = AssociationGuard(
+            sec.max_associations,
+            sec.max_associations_per_host,
+            counters=_shared_counters(cfg, n),
+            index=index,
+            processes=n,
+        )
+        guard.reset_row(index)
     stop = threading.Event()
     _install_stop_handlers(stop)
-    if n == 1:
-        receiver = Receiver(cfg)
+    try:
+        receiver = Receiver(cfg, guard, index)
         host, port = receiver.start()
-        log.info(
-            "receiver %s listening on %s:%d%s",
-            cfg.node.ae_title,
-            host,
-            port,
-            " (TLS)" if sec.tls else "",
-        )
-        while not stop.wait(1.0):
-            pass
-        log.info("stopping receiver")
-        receiver.stop()
-        return
-    _run_processes(cfg, n, stop)
-
-
-def _run_processes(cfg: NodeConfig, n: int, stop: threading.Event) -> None:
-    """Supervise ``n`` receiver processes sharing the port; restart any that dies."""
-    ctx = multiprocessing.get_context("fork")
-    row = 1 + _BUCKETS
-    counters: SynchronizedArray[Any] = ctx.Array("i", row * n, lock=False)
-    guard = AssociationGuard(1, 1, counters=counters, index=0, processes=n)
-
-    def spawn(i: int) -> multiprocessing.process.BaseProcess:
-        p = ctx.Process(target=_serve_child, args=(cfg, counters, i, n), name=f"receiver-{i}")
-        p.start()
-        return p
-
-    procs: list[multiprocessing.process.BaseProcess] = [spawn(i) for i in range(n)]
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.node.host, cfg.node.port, exc.strerror or exc)
+        raise SystemExit(2) from None
     log.info(
-        "receiver %s listening on %s:%d with %d processes",
+        "receiver %s listening on %s:%d%s%s",
         cfg.node.ae_title,
-        cfg.node.host,
-        cfg.node.port,
-        n,
+        host,
+        port,
+        " (TLS)" if sec.tls else "",
+        f" (replica {index + 1} of {n})" if n > 1 else "",
     )
-    while not stop.wait(0.5):
-        for i, p in enumerate(procs):
-            if not p.is_alive():
-                log.error("receiver process %d exited with %s; restarting", i, p.exitcode)
-                guard.reset_row(i)
-                procs[i] = spawn(i)
-    log.info("stopping %d receiver processes", n)
-    _stop_all(procs)
-
-
-def _stop_all(procs: Sequence[multiprocessing.process.BaseProcess]) -> None:
-    for p in procs:
-        if p.is_alive() and p.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping receiver")
+    receiver.stop()
+    if lock is not None:
+        lock.close()
