@@ -13,11 +13,11 @@ which is undefined behaviour).  Each child gets the same validated, frozen
 Restart policy (:class:`RestartPolicy`, per stage where a stage names its own): a
 stage that exits while the node is running is started again after a capped
 exponential back-off (for the receiver at most 0.5 s: :data:`RECEIVER_POLICY`); the
-back-off resets once the stage has stayed up for ``stable_after_s``.  A stage that crashes ``crash_loop_count``
-times within ``crash_loop_window_s`` is declared ``fatal``: logged at CRITICAL and not
-restarted, while the other stages keep running (reception never stops because
-inference is broken; the queued work waits in the job table) and ``/health`` turns 503
-so monitoring notices.
+back-off resets once the stage has stayed up for ``stable_after_s``.  A stage that
+crashes ``crash_loop_count`` times within ``crash_loop_window_s`` is declared
+``fatal``: logged at CRITICAL and not restarted, while the other stages keep running
+(reception never stops because inference is broken; the queued work waits in the job
+table) and ``/health`` turns 503 so monitoring notices.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) makes the supervisor forward SIGTERM to every
 child, wait up to ``stop_timeout_s`` for them to finish their current item, then
