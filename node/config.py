@@ -56,6 +56,15 @@ class TlsConfig(_Model):
     ca: Path | None = None
     require_client_cert: bool = False
 
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsConfig:
+        # A missing certificate must stop the start, not make the receiver crash-loop.
+        for name in ("cert", "key", "ca"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"{name} file not found: {value}")
+        return self
+
 
 class NodeSection(_Model):
     ae_title: str = "AIRNODE"
@@ -133,6 +142,9 @@ class DestinationConfig(_Model):
     timeout_s: float = Field(default=30.0, gt=0)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    _calling = field_validator("calling_ae_title")(
+        classmethod(lambda cls, v: None if v is None else _check_ae(v))
+    )
 
 
 #: A ``match`` condition: accepted values (text or numbers) or ``"re:PATTERN"``.
@@ -256,6 +268,15 @@ def load_config(path: Path | str | None) -> NodeConfig:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config error: file not found: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config error: {p} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config error: {p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02X} at "
+            f"offset {exc.start}); save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {p}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config error: {p}: invalid TOML: {exc}") from None
     return parse_config(data, base_dir=Path.cwd())
