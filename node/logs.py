@@ -123,6 +123,9 @@ def configure_logging(
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
+    # Library warnings (highdicom, pydicom) quote attribute values, names included:
+    # through logging, so that they are masked like everything else.
+    logging.captureWarnings(True)
     # Alembic announces its plugins and dialect at INFO in every stage at start-up.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # pynetdicom logs whole data sets (patient names included) at DEBUG.
