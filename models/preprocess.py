@@ -64,14 +64,19 @@ def decode_frames(ds: Dataset) -> npt.NDArray[np.generic]:
     """Decode all frames of ``ds`` to ``(frames, rows, cols[, samples])``.
 
     Colour data in YBR (JPEG) is converted to RGB by pydicom.  Raises
-    :class:`PixelDecodeError` (one line) for anything that cannot be decoded, so the
-    worker can fail the job permanently instead of retrying.
+    :class:`PixelDecodeError` (one line) for anything that cannot be decoded, a
+    decoder's panic included, so the worker can set the image aside instead of
+    crashing or retrying.
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PixelDecodeError("data set has no pixel data")
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for bad streams
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # pydicom raises many types for bad streams; native
+        # decoders (pylibjpeg-rle, written in Rust) raise pyo3's PanicException, a
+        # BaseException, on some corrupt streams: still just an undecodable image.
         tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PixelDecodeError(f"cannot decode pixel data ({tsuid}): {msg}") from exc

@@ -56,6 +56,15 @@ class TlsConfig(_Model):
     ca: Path | None = None
     require_client_cert: bool = False
 
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsConfig:
+        # A missing certificate must stop the start, not make the receiver crash-loop.
+        for name in ("cert", "key", "ca"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"{name} file not found: {value}")
+        return self
+
 
 class NodeSection(_Model):
     ae_title: str = "AIRNODE"
@@ -103,6 +112,13 @@ class SecurityConfig(_Model):
     max_associations: int = Field(default=16, ge=1)
     max_associations_per_host: int = Field(default=8, ge=1)
     max_instance_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    #: Maximum PDU length announced to peers (PS3.8 D.1); larger PDUs are refused
+    #: before they are buffered.
+    max_pdu_bytes: int = Field(default=4 * 1024**2, ge=4096, le=256 * 1024**2)
+    #: A PDU must arrive at least this fast (after network_timeout_s of grace).
+    min_rate_bytes_per_s: float = Field(default=16 * 1024, gt=0)
+    #: How long a C-STORE waits for a locked database before answering 0xA700.
+    db_lock_timeout_s: float = Field(default=5.0, gt=0, le=60)
     min_free_bytes: int = Field(default=512 * 1024**2, ge=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
@@ -126,6 +142,9 @@ class DestinationConfig(_Model):
     timeout_s: float = Field(default=30.0, gt=0)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    _calling = field_validator("calling_ae_title")(
+        classmethod(lambda cls, v: None if v is None else _check_ae(v))
+    )
 
 
 #: A ``match`` condition: accepted values (text or numbers) or ``"re:PATTERN"``.
@@ -253,6 +272,15 @@ def load_config(path: Path | str | None) -> NodeConfig:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config error: file not found: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config error: {p} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config error: {p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02X} at "
+            f"offset {exc.start}); save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {p}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config error: {p}: invalid TOML: {exc}") from None
     return parse_config(data, base_dir=Path.cwd())

@@ -76,9 +76,17 @@ def serve(config: ConfigOpt = None) -> None:
 @app.command()
 def receive(config: ConfigOpt = None) -> None:
     """Start only the DICOM receiver (C-ECHO, C-STORE)."""
-    from node.receive import run
+    cfg = _config(config)
+    if cfg.node.receiver_processes > 1:
+        # Replicas are supervised like any stage: restarted on crash, stopped together.
+        from node.ops.supervisor import receiver_stage
+        from node.ops.supervisor import run as supervise
 
-    run(_config(config))
+        supervise(cfg, [receiver_stage(cfg)])
+    else:
+        from node.receive import run
+
+        run(cfg)
 
 
 @app.command()

@@ -10,13 +10,14 @@ only its own stage (``fork`` would copy the supervisor's threads and SQLite hand
 which is undefined behaviour).  Each child gets the same validated, frozen
 :class:`~node.config.NodeConfig`, pickled; nothing re-reads the file.
 
-Restart policy (:class:`RestartPolicy`): a stage that exits while the node is running
-is started again after a capped exponential back-off; the back-off resets once the
-stage has stayed up for ``stable_after_s``.  A stage that crashes ``crash_loop_count``
-times within ``crash_loop_window_s`` is declared ``fatal``: logged at CRITICAL and not
-restarted, while the other stages keep running (reception never stops because
-inference is broken; the queued work waits in the job table) and ``/health`` turns 503
-so monitoring notices.
+Restart policy (:class:`RestartPolicy`, per stage where a stage names its own): a
+stage that exits while the node is running is started again after a capped
+exponential back-off (for the receiver at most 0.5 s: :data:`RECEIVER_POLICY`); the
+back-off resets once the stage has stayed up for ``stable_after_s``.  A stage that
+crashes ``crash_loop_count`` times within ``crash_loop_window_s`` is declared
+``fatal``: logged at CRITICAL and not restarted, while the other stages keep running
+(reception never stops because inference is broken; the queued work waits in the job
+table) and ``/health`` turns 503 so monitoring notices.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) makes the supervisor forward SIGTERM to every
 child, wait up to ``stop_timeout_s`` for them to finish their current item, then
@@ -54,11 +55,13 @@ from node.config import NodeConfig
 from node.runtime import setup_logging
 
 __all__ = [
+    "RECEIVER_POLICY",
     "RestartPolicy",
     "StageSpec",
     "Supervisor",
     "default_stages",
     "read_stage_status",
+    "receiver_stage",
     "run",
     "stage_status_path",
     "write_stage_status",
@@ -85,6 +88,8 @@ class StageSpec:
     name: str
     target: StageTarget
     replicas: int = 1
+    #: This stage's own restart policy (the supervisor's when ``None``).
+    policy: RestartPolicy | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -129,10 +134,28 @@ class RestartPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2.0 ** max(0, consecutive_crashes - 1))
 
 
+#: The receiver is what senders see: a crash must reopen the DICOM port within about a
+#: second, not after a back-off grown to 30 s.  It is only given up after 30 crashes
+#: within a minute.
+RECEIVER_POLICY = RestartPolicy(
+    base_delay_s=0.1, max_delay_s=0.5, crash_loop_count=30, crash_loop_window_s=60.0
+)
+
+
+def receiver_stage(cfg: NodeConfig) -> StageSpec:
+    """The receiver stage: ``receiver_processes`` replicas on one port."""
+    return StageSpec(
+        "receiver",
+        "node.receive:run",
+        replicas=cfg.node.receiver_processes,
+        policy=RECEIVER_POLICY,
+    )
+
+
 def default_stages(cfg: NodeConfig) -> list[StageSpec]:
     """The stages ``airnode serve`` runs for ``cfg``."""
     stages = [
-        StageSpec("receiver", "node.receive:run"),
+        receiver_stage(cfg),
         StageSpec("scheduler", "node.schedule.scheduler:run"),
         StageSpec("worker", "node.work.worker:run", replicas=cfg.inference.workers),
         StageSpec("sender", "node.deliver:run"),
@@ -317,6 +340,9 @@ class Supervisor:
         log.info("stage %s started (pid %s)", slot.name, proc.pid)
 
     def _wait(self, timeout: float) -> None:
+        pending = [s.restart_at for s in self._slots if s.process is None and not s.fatal]
+        if pending:  # wake up in time for the next scheduled restart
+            timeout = max(0.0, min(timeout, min(pending) - time.time()))
         sentinels = [s.process.sentinel for s in self._slots if s.alive]
         if sentinels:
             multiprocessing.connection.wait(sentinels, timeout)
@@ -340,25 +366,26 @@ class Supervisor:
                 self._start(slot)
 
     def _crashed(self, slot: _Slot, t: float) -> None:
-        if t - slot.started_at >= self.policy.stable_after_s:
+        policy = slot.spec.policy or self.policy
+        if t - slot.started_at >= policy.stable_after_s:
             slot.consecutive = 0
         slot.consecutive += 1
-        slot.crashes = [c for c in slot.crashes if t - c < self.policy.crash_loop_window_s]
+        slot.crashes = [c for c in slot.crashes if t - c < policy.crash_loop_window_s]
         slot.crashes.append(t)
         code = slot.last_exit
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else code
-        if len(slot.crashes) >= self.policy.crash_loop_count:
+        if len(slot.crashes) >= policy.crash_loop_count:
             slot.fatal = True
             log.critical(
                 "stage %s crash loop: exited %d times within %.0f s (last: %s); NOT restarting "
                 "it, the other stages keep running; fix the cause and restart airnode",
                 slot.name,
                 len(slot.crashes),
-                self.policy.crash_loop_window_s,
+                policy.crash_loop_window_s,
                 how,
             )
             return
-        delay = self.policy.delay(slot.consecutive)
+        delay = policy.delay(slot.consecutive)
         slot.restart_at = t + delay
         log.error("stage %s exited (%s); restarting in %.1f s", slot.name, how, delay)
 
@@ -429,6 +456,15 @@ def run(
         raise SystemExit(2) from None
     db.dispose()
     stage_list = list(stages) if stages is not None else default_stages(cfg)
+    port_lock = None
+    if any(s.target == "node.receive:run" for s in stage_list):
+        # Once for all receiver replicas: claim the port (one line and exit 2 when
+        # another program or node has it), reconcile the spool before anyone listens.
+        from node.receive.server import SUPERVISED_ENV, claim_port, reconcile_spool
+
+        port_lock = claim_port(cfg)
+        reconcile_spool(cfg)
+        os.environ[SUPERVISED_ENV] = "1"
     log.info(
         "airnode serving: AE %s, DICOM port %d, HTTP %s, stages: %s",
         cfg.node.ae_title,
@@ -436,6 +472,10 @@ def run(
         f"port {cfg.http.port}" if cfg.http.enabled else "off",
         ", ".join(f"{s.name}x{s.replicas}" if s.replicas > 1 else s.name for s in stage_list),
     )
-    code = Supervisor(cfg, stage_list, policy).run()
+    try:
+        code = Supervisor(cfg, stage_list, policy).run()
+    finally:
+        if port_lock is not None:
+            port_lock.close()
     if code:
         sys.exit(code)

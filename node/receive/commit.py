@@ -78,6 +78,9 @@ class GroupCommit:
                     continue
                 try:
                     results = self._apply([r for r, _ in batch])
+                    # After the commit: a file deleted or replaced before or during
+                    # it took the rows with it, so none of them may be acknowledged.
+                    self.db.check_file()
                 except Exception as exc:
                     for _, f in batch:
                         f.set_exception(exc)

@@ -11,8 +11,11 @@ needs around it:
   connection's own thread with a timeout, so a silent or plaintext client cannot
   stall the accept loop (pynetdicom does it in the accept loop);
 - several processes accepting on one port (``SO_REUSEPORT``) so that ingest is not
-  bound to one GIL, with the association limits shared through a small array of
-  counters in shared memory (one row per process, zeroed when a process is replaced);
+  bound to one GIL: replicas of the receiver stage run by the one supervisor
+  (:mod:`node.ops.supervisor`), with the association limits shared through a small
+  file of counters mapped by each (one row per replica, zeroed when it is replaced);
+  the port is claimed once by their owner (:func:`claim_port`), so no other program
+  or second node can share it;
 - pynetdicom's chunked receive (``STORE_RECV_CHUNKED_DATASET``) with its temp files in
   ``spool/tmp``: a data set goes from the socket to a file on the spool's own file
   system and is hard-linked into place, never held whole in memory.
@@ -22,39 +25,42 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
+import mmap
 import os
 import shutil
-import signal
 import socket
 import ssl
 import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.config import NodeConfig, SecurityConfig, TlsConfig
-from node.logs import configure_logging, uid_tag
+from node.logs import uid_tag
+from node.receive.limits import Limits, Refusal, install, remove_temp_files
 from node.receive.spool import Spool, Status, StoreOutcome
 from node.runtime import start_stage
-from node.store.db import open_db
+from node.store.db import Database, open_db
 
 __all__ = [
+    "SUPERVISED_ENV",
     "TRANSFER_SYNTAXES",
     "AssociationGuard",
     "Receiver",
+    "claim_port",
+    "reconcile_spool",
     "run",
     "server_tls_context",
     "storage_contexts",
@@ -193,14 +199,21 @@ class _Policy:
 
 
 class _GuardedACSE(ACSE):
-    """ACSE whose acceptor first applies the node's association policy."""
+    """ACSE whose acceptor first applies the node's association policy.
+
+    The association slot itself is taken when the connection is accepted
+    (:class:`_RequestHandler`), so half-open connections count as well.
+    """
 
     policy: _Policy
-    guard: AssociationGuard
-    slot_host: str | None = None
+    release_slot: Callable[[], None]
 
     def _negotiate_as_acceptor(self) -> None:
         rq = self.requestor.primitive
+        if not isinstance(rq, A_ASSOCIATE):  # the connection ended before a request
+            self.release_slot()
+            self.assoc.kill()
+            return
         calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
         called = str(getattr(rq, "called_ae_title", "") or "").strip()
         host = str(self.assoc.requestor.address)
@@ -211,14 +224,11 @@ class _GuardedACSE(ACSE):
             reject, why = (0x01, 0x01, 0x03), "calling AE title not allowed"
         elif called != self.policy.ae_title:
             reject, why = (0x01, 0x01, 0x07), "called AE title is not ours"
-        else:
-            refused = self.guard.acquire(host)
-            if refused:
-                reject, why = (0x02, 0x03, 0x02), refused
-            else:
-                self.slot_host = host
         if reject is not None:
             log.warning("association from %s (calling AE %r) rejected: %s", host, calling, why)
+            # A rejected peer may keep its socket open until ARTIM expires; its
+            # slot is free from now on.
+            self.release_slot()
             self.send_reject(*reject)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
@@ -226,34 +236,57 @@ class _GuardedACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+#: A-ASSOCIATE-RJ, rejected-transient, service-provider (presentation), local limit
+#: exceeded (PS3.8 §9.3.4): sent in place of reading the request of a connection
+#: over the association limits.
+_RJ_LIMIT = bytes([0x03, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x02, 0x03, 0x02])
+
+
 class _RequestHandler(RequestHandler):
-    """Runs one connection: TLS handshake (with a timeout), the association, clean-up."""
+    """Runs one connection: a slot, TLS handshake (with a timeout), the association,
+    clean-up of its slot and temp files however it ends."""
 
     def handle(self) -> None:
         server = cast("_Server", self.server)
         sock = self.request
-        if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.settimeout(server.policy.handshake_timeout_s)
-                sock.do_handshake()
-                sock.settimeout(server.read_timeout_s)
-            except (OSError, ssl.SSLError) as exc:
-                log.warning(
-                    "TLS handshake with %s failed: %s", self.client_address[0], type(exc).__name__
-                )
+        host = str(self.client_address[0])
+        refused = server.guard.acquire(host)
+        if refused:
+            log.warning("connection from %s refused: %s", host, refused)
+            if not isinstance(sock, ssl.SSLSocket):
                 with contextlib.suppress(OSError):
-                    sock.close()
-                return
-        assoc = self._create_association()
-        acse = _GuardedACSE(assoc)
-        acse.policy = server.policy
-        acse.guard = server.guard
-        assoc.acse = acse
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
-        assoc.join()
-        if acse.slot_host is not None:
-            server.guard.release(acse.slot_host)
+                    sock.sendall(_RJ_LIMIT)
+            return
+        files: set[str] = set()
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                server.guard.release(host)
+
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                try:
+                    sock.settimeout(server.policy.handshake_timeout_s)
+                    sock.do_handshake()
+                    sock.settimeout(server.limits.read_timeout_s)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("TLS handshake with %s failed: %s", host, type(exc).__name__)
+                    return
+            assoc = self._create_association()
+            files = install(assoc, server.limits)
+            acse = _GuardedACSE(assoc)
+            acse.policy = server.policy
+            acse.release_slot = release
+            assoc.acse = acse
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+        finally:
+            release()
+            if remove_temp_files(files):
+                log.info("removed the partial transfer of an association from %s", host)
 
 
 class _Server(ThreadedAssociationServer):
@@ -261,8 +294,10 @@ class _Server(ThreadedAssociationServer):
 
     policy: _Policy
     guard: AssociationGuard
-    read_timeout_s: float = 60.0
+    limits: Limits
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections during a burst.
+    request_queue_size = 256
 
     def server_bind(self) -> None:
         sock = cast(socket.socket, self.socket)
@@ -276,9 +311,8 @@ class _Server(ThreadedAssociationServer):
         sock = cast(socket.socket, self.socket)
         client, address = sock.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # pynetdicom reads a whole PDU with blocking recv(); without a timeout a
-        # peer that announces a long PDU and goes quiet holds its thread forever.
-        client.settimeout(self.read_timeout_s)
+        # The bounded DUL (node.receive.limits) sets its own deadline per recv.
+        client.settimeout(self.limits.read_timeout_s)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
@@ -314,7 +348,7 @@ class Receiver:
         self.guard = guard or AssociationGuard(sec.max_associations, sec.max_associations_per_host)
         self.spool = Spool(
             cfg.node.spool_dir,
-            open_db(cfg.node.resolved_database_url),
+            self._open_db(cfg),
             min_free_bytes=sec.min_free_bytes,
             max_instance_bytes=sec.max_instance_bytes,
         )
@@ -324,10 +358,26 @@ class Receiver:
             allowed_hosts=frozenset(sec.allowed_hosts),
             handshake_timeout_s=sec.acse_timeout_s,
         )
+        self.limits = Limits(
+            max_pdu_bytes=sec.max_pdu_bytes,
+            negotiation_s=sec.acse_timeout_s,
+            read_timeout_s=sec.network_timeout_s,
+            min_rate_bytes_per_s=sec.min_rate_bytes_per_s,
+            max_instance_bytes=sec.max_instance_bytes,
+            min_free_bytes=sec.min_free_bytes,
+            spool_root=cfg.node.spool_dir,
+        )
         self.index = index
         self._server: _Server | None = None
         self._old_tempdir: str | None = None
         self._ae: AE | None = None
+
+    @staticmethod
+    def _open_db(cfg: NodeConfig) -> Database:
+        url, timeout = cfg.node.resolved_database_url, cfg.security.db_lock_timeout_s
+        if os.environ.get(SUPERVISED_ENV) == "1":  # migrated by the supervisor: start fast
+            return Database(url, busy_timeout_s=timeout)
+        return open_db(url, busy_timeout_s=timeout)
 
     # Handlers -----------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
@@ -344,6 +394,10 @@ class Receiver:
             calling = str(event.assoc.requestor.ae_title).strip()
             peer = str(event.assoc.requestor.address)
             path = getattr(event, "dataset_path", None)
+            refused: dict[str, Refusal] = getattr(event.assoc.dimse, "refused", {})
+            refusal = refused.pop(str(path), None) if path else None
+            if refusal is not None:  # refused while streaming in (node.receive.limits)
+                return _status(StoreOutcome(Status(refusal[0]), refusal[1]))
             kwargs: dict[str, Any] = {
                 "command_sop_class_uid": str(req.AffectedSOPClassUID or ""),
                 "command_sop_instance_uid": str(req.AffectedSOPInstanceUID or ""),
@@ -392,7 +446,8 @@ class Receiver:
         ae.network_timeout = sec.network_timeout_s
         ae.acse_timeout = sec.acse_timeout_s
         ae.dimse_timeout = sec.dimse_timeout_s
-        ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs
+        # Announced in the A-ASSOCIATE-AC; larger PDUs are refused before buffering.
+        ae.maximum_pdu_size = sec.max_pdu_bytes
         ae.require_called_aet = False  # checked by the guard
         ae.supported_contexts = storage_contexts()
         tls = server_tls_context(sec.tls) if sec.tls else None
@@ -412,7 +467,7 @@ class Receiver:
         )
         server.policy = self.policy
         server.guard = self.guard
-        server.read_timeout_s = sec.network_timeout_s
+        server.limits = self.limits
         thread = threading.Thread(target=server.serve_forever, name="receiver-accept", daemon=True)
         thread.start()
         ae._servers.append(server)
@@ -442,109 +497,129 @@ class Receiver:
 
 
 # ------------------------------------------------------------------------ processes
-def _install_stop_handlers(stop: threading.Event) -> None:
-    def _handler(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
+#: Set by the process that owns the DICOM port (``airnode serve``, or ``airnode
+#: receive`` with several replicas) for the receiver replicas it starts: the port was
+#: checked, the database migrated and the spool reconciled once, by the owner.
+SUPERVISED_ENV = "AIRNODE_RECEIVER_SUPERVISED"
 
 
-def _serve_child(cfg: NodeConfig, counters: Any, index: int, processes: int) -> None:
-    configure_logging(
-        cfg.node.log_level,
-        json_lines=cfg.node.log_json,
-        show_phi=cfg.node.log_phi,
-        stage=f"receiver-{index}",
-    )
-    stop = threading.Event()
-    _install_stop_handlers(stop)
+def claim_port(cfg: NodeConfig) -> socket.socket:
+    """Make this process the one owner of the DICOM port, or exit with one line.
+
+    Replicas bind with ``SO_REUSEPORT``, which would also let a second, misconfigured
+    node (same user) bind the port silently and take a share of the connections.  So
+    the owner first takes a machine-wide name for the port (an abstract Unix socket,
+    released by the kernel when the process ends, even on ``kill -9``): a second
+    airnode is refused.  Then it checks that nothing else listens there: a foreign
+    program using ``SO_REUSEPORT`` is refused too.  Keep the returned socket open for
+    as long as the receivers run.
+    """
+    host, port = cfg.node.host, cfg.node.port
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0airnode-dicom-port-{port}")
+    except OSError:
+        lock.close()
+        log.error(
+            "another airnode already serves DICOM port %d on this machine; "
+            "stop it or set [node] port",
+            port,
+        )
+        raise SystemExit(2) from None
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    with socket.socket(socket.AF_INET6 if ":" in probe_host else socket.AF_INET) as probe:
+        probe.settimeout(1.0)
+        taken = probe.connect_ex((probe_host, port)) == 0
+    if taken:
+        lock.close()
+        log.error(
+            "another program already listens on DICOM port %d (%s); stop it or set [node] port",
+            port,
+            host,
+        )
+        raise SystemExit(2)
+    return lock
+
+
+def reconcile_spool(cfg: NodeConfig) -> dict[str, int]:
+    """Bring the spool and its rows in line (at start-up, before any replica listens)."""
     sec = cfg.security
-    guard = AssociationGuard(
-        sec.max_associations,
-        sec.max_associations_per_host,
-        counters=counters,
-        index=index,
-        processes=processes,
-    )
-    receiver = Receiver(cfg, guard, index)
-    receiver.start()
-    while not stop.wait(1.0):
-        pass
-    receiver.stop()
+    db = open_db(cfg.node.resolved_database_url, busy_timeout_s=sec.db_lock_timeout_s)
+    try:
+        spool = Spool(
+            cfg.node.spool_dir,
+            db,
+            min_free_bytes=sec.min_free_bytes,
+            max_instance_bytes=sec.max_instance_bytes,
+        )
+        return spool.reconcile()
+    finally:
+        db.dispose()
+
+
+def _shared_counters(cfg: NodeConfig, processes: int) -> Any:
+    """The association counters of all replicas: a small file mapped by each of them.
+
+    One row per replica, written only by its owner (reset when it starts, so a
+    replica that died frees its slots when it is replaced), summed by everyone.
+    """
+    path = cfg.node.data_dir / "run" / f"receiver-{cfg.node.port}.slots"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = processes * (1 + _BUCKETS) * 4
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        mapped = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    return memoryview(mapped).cast("i")
 
 
 def run(cfg: NodeConfig, replica: int = 0) -> None:
-    """``airnode receive``: reconcile the spool, listen until SIGTERM/SIGINT, stop cleanly."""
+    """``airnode receive`` (or one receiver replica): listen until SIGTERM/SIGINT.
+
+    Alone, it claims the port and reconciles the spool first.  As one of
+    ``receiver_processes`` replicas started by the supervisor (``SUPERVISED_ENV``),
+    the supervisor did both, and the replica starts at once: it is what stands
+    between a crash and the DICOM port being open again.
+    """
     stage = start_stage(cfg, "receiver", replica)
     sec = cfg.security
-    db = stage.open_db()
-    spool = Spool(
-        cfg.node.spool_dir,
-        db,
-        min_free_bytes=sec.min_free_bytes,
-        max_instance_bytes=sec.max_instance_bytes,
-    )
-    spool.reconcile()
-    db.dispose()
+    lock: socket.socket | None = None
+    if os.environ.get(SUPERVISED_ENV) != "1":
+        lock = claim_port(cfg)
+        reconcile_spool(cfg)
     n = cfg.node.receiver_processes
-    stop = stage.stopping
-    if n == 1:
-        receiver = Receiver(cfg)
-        host, port = receiver.start()
-        log.info(
-            "receiver %s listening on %s:%d%s",
-            cfg.node.ae_title,
-            host,
-            port,
-            " (TLS)" if sec.tls else "",
+    index = replica if n > 1 else 0
+    guard = None
+    if n > 1:
+        guard = AssociationGuard(
+            sec.max_associations,
+            sec.max_associations_per_host,
+            counters=_shared_counters(cfg, n),
+            index=index,
+            processes=n,
         )
-        while not stop.wait(1.0):
-            pass
-        log.info("stopping receiver")
-        receiver.stop()
-        return
-    _run_processes(cfg, n, stop)
-
-
-def _run_processes(cfg: NodeConfig, n: int, stop: threading.Event) -> None:
-    """Supervise ``n`` receiver processes sharing the port; restart any that dies."""
-    ctx = multiprocessing.get_context("fork")
-    row = 1 + _BUCKETS
-    counters: SynchronizedArray[Any] = ctx.Array("i", row * n, lock=False)
-    guard = AssociationGuard(1, 1, counters=counters, index=0, processes=n)
-
-    def spawn(i: int) -> multiprocessing.process.BaseProcess:
-        p = ctx.Process(target=_serve_child, args=(cfg, counters, i, n), name=f"receiver-{i}")
-        p.start()
-        return p
-
-    procs: list[multiprocessing.process.BaseProcess] = [spawn(i) for i in range(n)]
+        guard.reset_row(index)
+    stop = stage.stopping
+    try:
+        receiver = Receiver(cfg, guard, index)
+        host, port = receiver.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.node.host, cfg.node.port, exc.strerror or exc)
+        raise SystemExit(2) from None
     log.info(
-        "receiver %s listening on %s:%d with %d processes",
+        "receiver %s listening on %s:%d%s%s",
         cfg.node.ae_title,
-        cfg.node.host,
-        cfg.node.port,
-        n,
+        host,
+        port,
+        " (TLS)" if sec.tls else "",
+        f" (replica {index + 1} of {n})" if n > 1 else "",
     )
-    while not stop.wait(0.5):
-        for i, p in enumerate(procs):
-            if not p.is_alive():
-                log.error("receiver process %d exited with %s; restarting", i, p.exitcode)
-                guard.reset_row(i)
-                procs[i] = spawn(i)
-    log.info("stopping %d receiver processes", n)
-    _stop_all(procs)
-
-
-def _stop_all(procs: Sequence[multiprocessing.process.BaseProcess]) -> None:
-    for p in procs:
-        if p.is_alive() and p.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping receiver")
+    receiver.stop()
+    if lock is not None:
+        lock.close()

@@ -35,7 +35,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from node.logs import uid_tag
 from node.receive.commit import GroupCommit, Row
 from node.receive.headers import HeaderInfo, ParseError, check_uid, parse_header
-from node.store.db import AuditEvent, Database, Instance, now
+from node.store.db import AuditEvent, Database, DatabaseFileChanged, Instance, now
 from node.store.durable import link_durable, sha256_file, uid_path
 
 __all__ = ["Spool", "Status", "StoreOutcome"]
@@ -212,6 +212,9 @@ class Spool:
             return self._store_checked(
                 tmp, size, digest, info, transfer_syntax_uid, calling_ae, peer
             )
+        except DatabaseFileChanged as exc:
+            log.error("not storing %s: %s; restart airnode", tag, exc)
+            return StoreOutcome(Status.OUT_OF_RESOURCES, "database file missing or replaced")
         except OperationalError as exc:
             log.error("database unavailable while storing %s: %s", tag, type(exc.orig).__name__)
             return StoreOutcome(Status.OUT_OF_RESOURCES, "database locked or unavailable")

@@ -16,6 +16,7 @@ changing it behind the operator's back.
 from __future__ import annotations
 
 import enum
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from node.errors import UserError
@@ -43,6 +45,7 @@ from node.errors import UserError
 __all__ = [
     "Base",
     "Database",
+    "DatabaseFileChanged",
     "Instance",
     "Job",
     "JobKind",
@@ -224,14 +227,22 @@ class AuditEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+class DatabaseFileChanged(SQLAlchemyError):
+    """The SQLite file this process opened was deleted or replaced since.
+
+    Its connections still work, on the unlinked file: whatever is committed there is
+    gone at the next start.  Nothing may be acknowledged on it.
+    """
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -242,20 +253,57 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 class Database:
-    """An engine plus a session factory, created once per process."""
+    """An engine plus a session factory, created once per process.
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    ``busy_timeout_s`` bounds how long a statement waits for SQLite's write lock
+    held by another process (the receiver keeps it short, so that a locked database
+    gets 0xA700 before a sender's own timeout).
+    """
+
+    def __init__(self, url: str, *, echo: bool = False, busy_timeout_s: float = 30.0) -> None:
         self.url = url
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            kwargs["connect_args"] = {"timeout": busy_timeout_s, "check_same_thread": False}
         else:
             kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         if self.is_sqlite:
-            _configure_sqlite(self.engine)
+            _configure_sqlite(self.engine, busy_timeout_s)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.file: Path | None = None
+        self._identity: tuple[int, int] | None = None
+        name = self.engine.url.database
+        if self.is_sqlite and name and name != ":memory:":
+            self.file = Path(name)
+            try:
+                with self.engine.connect():  # creates the file if missing
+                    st = os.stat(self.file)
+                self._identity = (st.st_dev, st.st_ino)
+            except (SQLAlchemyError, OSError):
+                pass  # unreachable: every statement will say so
+
+    def file_problem(self) -> str | None:
+        """Why the SQLite file opened by this process is no longer the one at its
+        path (deleted, replaced) or cannot be written; ``None`` when it is fine."""
+        if self.file is None or self._identity is None:
+            return None
+        try:
+            st = os.stat(self.file)
+        except OSError as exc:
+            return f"database file {self.file.name} is gone ({exc.strerror})"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return f"database file {self.file.name} was replaced while in use"
+        if not os.access(self.file, os.W_OK) or not os.access(self.file.parent, os.W_OK):
+            return f"database file {self.file.name} is read-only"
+        return None
+
+    def check_file(self) -> None:
+        """Raise :class:`DatabaseFileChanged` when :meth:`file_problem` finds one."""
+        problem = self.file_problem()
+        if problem is not None:
+            raise DatabaseFileChanged(problem)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -315,13 +363,13 @@ def _make_parent(url: str) -> None:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
-def open_db(url: str) -> Database:
+def open_db(url: str, *, busy_timeout_s: float = 30.0) -> Database:
     """Open the database at ``url`` for a stage: no migration, the schema is checked.
 
     Raises :class:`SchemaError` when the database is behind (or ahead of) this code.
     """
     _make_parent(url)
-    db = Database(url)
+    db = Database(url, busy_timeout_s=busy_timeout_s)
     try:
         at = schema_revision(db)
         need, known = _known_revisions()
@@ -341,7 +389,7 @@ def open_db(url: str) -> Database:
     return db
 
 
-def init_db(url: str) -> Database:
+def init_db(url: str, *, busy_timeout_s: float = 30.0) -> Database:
     """Open the database at ``url`` and upgrade it to the newest migration.
 
     For ``airnode serve`` (once, before any stage starts), ``airnode db upgrade`` and
@@ -350,7 +398,7 @@ def init_db(url: str) -> Database:
     from alembic import command
 
     _make_parent(url)
-    db = Database(url)
+    db = Database(url, busy_timeout_s=busy_timeout_s)
     cfg = _alembic_config()
     with db.engine.begin() as conn:
         cfg.attributes["connection"] = conn

@@ -72,6 +72,8 @@ class InferPayload(JobPayload):
     routes: list[str] = Field(default_factory=list)
     timings: dict[str, float] | None = None
     result_sop_instance_uids: list[str] | None = None
+    #: Instances left out because they cannot be read (UID tag → reason), when any.
+    unreadable: dict[str, str] | None = None
 
 
 class SendPayload(JobPayload):

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,15 +28,16 @@ import pydicom
 from sqlalchemy import select, update
 
 from node.config import NodeConfig
-from node.logs import uid_tag
+from node.logs import mask_phi, uid_tag
 from node.runtime import start_stage
 from node.store import jobs
-from node.store.db import Database, Instance, Job, JobKind, JobStatus, now
+from node.store.db import Database, Instance, Job, JobKind, JobStatus, Study, now
 from node.store.payloads import InferPayload, PayloadError
 
 if TYPE_CHECKING:
     from models.package import ModelPackage
     from models.pipeline import Predictor
+    from models.result import InferenceResult
 
 __all__ = ["PHASES", "Worker", "run"]
 
@@ -82,6 +84,12 @@ class _Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def _first_line(exc: BaseException) -> str:
+    """A one-line reason without UIDs or names (they may be in pydicom's messages)."""
+    text = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    return mask_phi(text)[:200]
 
 
 def _pid_alive(pid_text: str) -> bool:
@@ -200,8 +208,16 @@ class Worker:
         return self._predictors[name, version]
 
     # -- one job ----------------------------------------------------------------------
-    def load_series(self, sop_uids: list[str]) -> dict[str, list[pydicom.Dataset]]:
-        """Read the job's instances from the spool, grouped by series."""
+    def load_series(
+        self, sop_uids: list[str]
+    ) -> tuple[dict[str, list[pydicom.Dataset]], dict[str, str]]:
+        """Read the job's instances from the spool, grouped by series.
+
+        Also returns the instances that cannot be parsed completely (SOP Instance
+        UID → reason): they are left out, never handed to a model.  The parse is
+        complete (every element, nested sequences included), since pydicom reads
+        lazily and a bad VR deep in a sequence would otherwise surface mid-model.
+        """
         spool = self.cfg.node.spool_dir
         with self.db.read() as s:
             rows = s.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sop_uids))).all()
@@ -209,15 +225,44 @@ class Worker:
             missing = len(set(sop_uids)) - len(rows)
             raise jobs.PermanentJobError(f"{missing} instance(s) of the job are no longer stored")
         series: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+        unreadable: dict[str, str] = {}
         for row in rows:
             try:
-                ds = pydicom.dcmread(spool / row.path)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ds = pydicom.dcmread(spool / row.path)
+                    for _ in ds.iterall():
+                        pass
+            except OSError:
+                raise  # the disk, not the instance: transient
             except Exception as exc:
-                raise jobs.PermanentJobError(
-                    f"cannot read instance {uid_tag(row.sop_instance_uid)}: {exc}"
-                ) from exc
+                unreadable[row.sop_instance_uid] = f"cannot parse: {_first_line(exc)}"
+                continue
             series[row.series_instance_uid].append(ds)
-        return dict(series)
+        return dict(series), unreadable
+
+    def _predict(
+        self, predictor: Predictor, datasets: list[pydicom.Dataset], unreadable: dict[str, str]
+    ) -> InferenceResult | None:
+        """``predictor.predict`` on the series; an image that cannot be decoded (a
+        corrupt stream, a decoder's panic) is set aside and the rest predicted again."""
+        from models.preprocess import PixelDecodeError, decode_frames
+
+        try:
+            return predictor.predict(datasets)
+        except PixelDecodeError:
+            pass
+        usable = []
+        for ds in datasets:
+            try:
+                decode_frames(ds)
+            except PixelDecodeError as exc:
+                unreadable[str(ds.SOPInstanceUID)] = _first_line(exc)
+            else:
+                usable.append(ds)
+        if not usable:
+            return None
+        return predictor.predict(usable)
 
     def process(self, job: Job) -> InferPayload:
         """Run one infer job; returns the payload to store with the finished job.
@@ -242,17 +287,19 @@ class Worker:
         timings["load_model"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        series = self.load_series(sop_uids)
+        series, unreadable = self.load_series(sop_uids)
         timings["load"] = time.perf_counter() - t1
 
         result_uids: list[str] = []
         for _series_uid, datasets in sorted(series.items()):
             try:
-                result = predictor.predict(datasets)
+                result = self._predict(predictor, datasets, unreadable)
             except jobs.JobError:
                 raise
             except (ValueError, NotImplementedError, AttributeError, KeyError) as exc:
                 raise jobs.PermanentJobError(f"input not usable by the model: {exc}") from exc
+            if result is None:  # no image of this series could be decoded
+                continue
             for k in ("preprocess", "inference", "postprocess"):
                 timings[k] += float(result.timings.get(k, 0.0))
             timings["load_model"] += float(result.timings.get("load", 0.0))
@@ -271,6 +318,16 @@ class Worker:
             )
             timings["store"] += time.perf_counter() - t3
             result_uids.extend(r.sop_instance_uid for r in stored)
+        if unreadable:
+            self._note_unreadable(job, unreadable, len(set(sop_uids)))
+            payload = payload.model_copy(
+                update={"unreadable": {uid_tag(u): why for u, why in sorted(unreadable.items())}}
+            )
+            if len(unreadable) >= len(set(sop_uids)):
+                first = next(iter(unreadable.values()))
+                raise jobs.PermanentJobError(
+                    f"no readable instance ({len(unreadable)} unreadable, e.g. {first})"
+                )
         timings["total"] = time.perf_counter() - t0
         return payload.model_copy(
             update={
@@ -278,6 +335,21 @@ class Worker:
                 "result_sop_instance_uids": result_uids,
             }
         )
+
+    def _note_unreadable(self, job: Job, unreadable: dict[str, str], total: int) -> None:
+        """Log the unreadable instances and note them on the study (status page,
+        ``airnode studies list``); UIDs only as tags."""
+        first = next(iter(unreadable.values()))
+        note = f"{len(unreadable)} of {total} instance(s) unreadable, left out: {first}"
+        for uid, why in sorted(unreadable.items()):
+            log.warning("job %s: instance %s left out: %s", job.id, uid_tag(uid), why)
+        if job.study_instance_uid:
+            with self.db.session() as s:
+                s.execute(
+                    update(Study)
+                    .where(Study.study_instance_uid == job.study_instance_uid)
+                    .values(note=note[:500])
+                )
 
     def release_orphans(self) -> int:
         """Requeue jobs held by dead worker processes of this host; returns how many.
@@ -326,7 +398,9 @@ class Worker:
         try:
             with _Heartbeat(self.db, job.id, self.owner, self.lease_s):
                 out = self.process(job)
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # pyo3's PanicException too: the job fails, not us
             transient = isinstance(exc, jobs.TransientJobError | OSError)
             status = jobs.fail(self.db, job, self.owner, exc, self.policy, transient=transient)
             # A JobError is an expected outcome with its reason; anything else is a bug

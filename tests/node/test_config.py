@@ -68,6 +68,7 @@ def test_absolute_data_dir_and_database_url_are_kept(tmp_path: Path) -> None:
         ),
         ({"security": {"max_associations": 0}}, r"security\.max_associations: "),
         ({"security": {"tls": {"cert": "a.crt"}}}, r"security\.tls\.key: Field required"),
+        ({"security": {"tls": {"cert": "a.crt", "key": "a.key"}}}, r"security\.tls: cert file"),
         ({"inference": {"backend": "cuda"}}, r"inference\.backend: "),
         ({"destinations": [{"name": "p"}]}, r"destinations\.0\.ae_title: Field required"),
         ({"routes": [{"name": "r"}]}, r"routes\.0\.model: Field required"),
@@ -207,3 +208,49 @@ def test_configuration_doc_mentions_every_key() -> None:
         if not any(f.format(k.rsplit(".", 1)[-1]) in doc for f in forms)
     ]
     assert missing == []
+
+
+def _load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    text = str(exc.value)
+    assert "\n" not in text and text.startswith("config error: "), text
+    return text
+
+
+def test_a_non_utf8_file_and_a_directory_give_one_line(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[node]\nae_title = "GRÜN"\n'.encode("latin-1"))
+    assert "not UTF-8" in _load_error(latin1)
+    assert "is a directory" in _load_error(tmp_path)
+
+
+def test_missing_tls_files_are_refused_at_load(tmp_path: Path) -> None:
+    text = error_of(
+        {"security": {"tls": {"cert": str(tmp_path / "no.crt"), "key": str(tmp_path / "no.key")}}}
+    )
+    assert "security.tls: cert file not found" in text
+
+
+def test_a_bad_destination_calling_ae_title_is_refused() -> None:
+    dest = {"name": "p", "ae_title": "PACS", "host": "h", "port": 104}
+    text = error_of({"destinations": [{**dest, "calling_ae_title": "WAY-TOO-LONG-AE-TITLE"}]})
+    assert text.startswith("config error: destinations.0.calling_ae_title")
+
+
+def test_config_mistakes_reach_the_user_as_one_line_without_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'[node]\nae_title = "\xff\xfe"\n')
+    for path in (bad, tmp_path):
+        out = subprocess.run(
+            [sys.executable, "-m", "node.ops.cli", "receive", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert len([ln for ln in out.stderr.splitlines() if ln.strip()]) == 1, out.stderr

@@ -1,7 +1,10 @@
 """``/health``: is this node able to accept and process studies right now?
 
-Healthy (HTTP 200) means: the job table answers, the data directory's file system has
-more free space than the receiver's reserve (below it, C-STORE answers 0xA700), and,
+Healthy (HTTP 200) means: the job table answers and its file is still the one the
+node opened, writable (a deleted or replaced SQLite file keeps answering on the
+unlinked copy, so ``SELECT 1`` alone would say all is well); the spool accepts a new
+file; the data directory's file system has more free space than the receiver's
+reserve (below it, and in each of these cases, C-STORE answers 0xA700); and,
 when a supervisor runs, it is alive and no stage is ``fatal`` (crash loop).  A stage
 that is merely being restarted does not fail the check, so that one crash does not
 page anyone; a crash loop does.  Anything else is 503, with the failing check named.
@@ -9,6 +12,7 @@ page anyone; a crash loop does.  Anything else is 503, with the failing check na
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -31,6 +35,24 @@ def _database(db: Database) -> dict[str, Any]:
             s.execute(text("SELECT 1"))
     except Exception as exc:
         return {"ok": False, "error": f"database unreachable ({type(exc).__name__})"}
+    problem = db.file_problem()
+    if problem is not None:
+        return {"ok": False, "error": f"{problem}; the receiver refuses images (0xA700)"}
+    return {"ok": True}
+
+
+def _spool(spool_dir: Path) -> dict[str, Any]:
+    """Create and remove a file where the receiver writes its temp files."""
+    if not spool_dir.exists():
+        return {"ok": True, "note": "no spool yet"}
+    probe = spool_dir / "tmp" / f".health-{os.getpid()}"
+    try:
+        probe.parent.mkdir(exist_ok=True)
+        with probe.open("wb") as f:
+            f.write(b"x")
+        probe.unlink()
+    except OSError as exc:
+        return {"ok": False, "error": f"spool not writable ({exc.strerror or exc})"}
     return {"ok": True}
 
 
@@ -83,6 +105,7 @@ def health(
     t = time.time()
     checks = {
         "database": _database(db),
+        "spool": _spool(data_dir / "spool"),
         "disk": _disk(data_dir, min_free_bytes),
         "stages": _stages(stage_status(), t),
     }

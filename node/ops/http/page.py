@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
 
-from node.logs import uid_tag
+from node.logs import mask_phi, uid_tag
 from node.store.db import Database, Instance, Job, JobKind, JobStatus, Result, Study
 
 __all__ = ["IMG_ONLOAD", "PAGE_CSP", "render_status_page", "scrub"]
@@ -28,8 +27,6 @@ MAX_STUDIES = 50
 MAX_JOBS = 100
 MAX_RESULTS = 24
 
-_PN_RE = re.compile(r"\b[\w.\-']+\^[\w.\-'^ ]*")  # a DICOM person name, as in node.logs
-_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 #: The only script on the page: marks a preview as loaded (or broken) for viewers and
 #: tests.  Allowed by hash, so the CSP still forbids any other script.
@@ -63,11 +60,10 @@ figcaption{font-size:.85em;color:#555;margin-top:.3em}
 
 
 def scrub(text: str | None, limit: int = 300) -> str:
-    """Mask person names and UIDs in free text (job errors) and shorten it."""
+    """Mask person names and UIDs in free text (job errors) as the logs do, and shorten it."""
     if not text:
         return ""
-    masked = _PN_RE.sub("<name>", text)
-    masked = _UID_RE.sub(lambda m: uid_tag(m.group(0)), masked)
+    masked = mask_phi(text)
     return masked if len(masked) <= limit else masked[: limit - 1] + "…"
 
 

@@ -396,3 +396,38 @@ def test_tls_destination_receives_and_an_untrusted_pacs_certificate_is_refused(
     refused = _jobs(db, "bad")
     assert refused and all(j.status != JobStatus.DONE for j in refused)
     assert all(j.last_error for j in refused)
+
+
+@pytest.mark.integration
+def test_a_resend_after_a_crash_leaves_one_object_per_uid_in_orthanc(
+    db: Database, tmp_path: Path
+) -> None:
+    """At-least-once delivery with deterministic UIDs: the PACS keeps one copy."""
+    dicom_port, http_port = free_port(), free_port()
+    cfg = _cfg(tmp_path, {"orthanc": dicom_port}, lease_s=1.0)
+    dx = dx_image()
+    objects = encode_all(classification(dx), [dx], cfg)
+    store_results(
+        db, cfg.node.outbox_dir, objects, model="m", infer_job_id=None, destinations=["orthanc"]
+    )
+    code = (
+        "import sys; from tests.node.deliver.test_sender import crashing_sender_main; "
+        "crashing_sender_main(*sys.argv[1:])"
+    )
+    with orthanc(tmp_path / "orthanc", dicom_port, http_port) as base:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, cfg.model_dump_json(), db.url], cwd=REPO, timeout=60
+        )
+        assert proc.returncode == 70  # killed after the PACS stored, before "done"
+        time.sleep(1.2)  # the lease expires; the reaper returns the job
+        sender = Sender(cfg, db)
+        sender.housekeeping()
+        while sender.send_batch(cfg.destinations[0]):
+            pass
+        assert {j.status for j in _jobs(db, "orthanc")} == {JobStatus.DONE}
+        instances = requests.get(f"{base}/instances?expand", timeout=10).json()
+        uids = [i["MainDicomTags"]["SOPInstanceUID"] for i in instances]
+        assert sorted(uids) == sorted(str(o.SOPInstanceUID) for o in objects)
+        assert len(uids) == len(set(uids))  # one object per UID, however often sent
+        stats = requests.get(f"{base}/statistics", timeout=10).json()
+        assert stats["CountInstances"] == len(objects)

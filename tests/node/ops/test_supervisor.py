@@ -222,6 +222,7 @@ def test_ctrl_c_stops_like_sigterm(start_node: Callable[..., Node]) -> None:
     node = start_node("steady")
     _wait_for(lambda: len(_pids(node.data_dir, "other")) == 1, "other")
     _wait_for(lambda: len(_pids(node.data_dir, "steady-1")) == 1, "steady-1")
+    _wait_for(lambda: len(_pids(node.data_dir, "steady-0")) == 1, "steady-0")
 
     code, err = node.stop(signal.SIGINT, group=True)
 

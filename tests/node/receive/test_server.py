@@ -567,8 +567,17 @@ def test_logs_hold_no_patient_name_id_or_birth_date(make_node, tmp_path: Path, l
 
 
 def _children(pid: int) -> set[int]:
+    """The receiver replicas the supervisor started (not multiprocessing's helpers)."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
-    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+    kids = {int(p) for p in path.read_text().split()} if path.exists() else set()
+    out = set()
+    for k in kids:
+        try:
+            if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes():
+                out.add(k)
+        except OSError:
+            pass
+    return out
 
 
 @pytest.mark.slow
