@@ -11,17 +11,21 @@ from pydicom.sr.coding import Code
 from models.result import InferenceResult
 from node.results import codes
 from node.results.uids import result_uid
+from node.store.jobs import key_digest
 
 __all__ = [
     "SERIES_NUMBER",
+    "STABLE_KINDS",
     "SourceIndex",
     "add_ai_equipment",
+    "finding_site",
+    "input_digest",
     "procedure_reported",
     "uid_for",
 ]
 
 #: Series numbers of the result series (PS3.3 C.7.3.1); high so they sort after the sources.
-SERIES_NUMBER = {"sr": 9001, "sc": 9002, "seg": 9003}
+SERIES_NUMBER = {"sr": 9001, "sc": 9002, "seg": 9003, "pr": 9004}
 
 
 class SourceIndex:
@@ -49,8 +53,30 @@ class SourceIndex:
             raise ValueError(f"result refers to an image not among the sources: {uid}") from None
 
 
+#: Identities that stay the same across versions of a result: the result series (so a
+#: corrected SR lands next to the one it replaces) and the tracking UIDs of findings and
+#: segments (the same lesion keeps its identity from one version to the next).
+STABLE_KINDS = frozenset(
+    {"sr-series", "sc-series", "seg-series", "pr-series", "tracking", "segment"}
+)
+
+
+def input_digest(result: InferenceResult) -> str:
+    """The digest of the exact input: the sorted source SOP Instance UIDs.
+
+    The same digest the scheduler puts in the infer job's idempotency key
+    (``node.store.jobs.key_digest``), so "same job input" and "same result objects"
+    mean the same thing.
+    """
+    return key_digest(*sorted(result.source_sop_instance_uids))
+
+
 def uid_for(result: InferenceResult, kind: str, index: int = 0) -> str:
-    """The deterministic UID of one object (or series, or tracking id) of ``result``."""
+    """The deterministic UID of one object (or series, or tracking id) of ``result``.
+
+    Object instances (``sr``, ``seg``, ``sc``, ``pr``) also depend on the exact input;
+    the kinds in :data:`STABLE_KINDS` do not.
+    """
     return result_uid(
         result.study_instance_uid,
         result.series_instance_uid,
@@ -58,6 +84,7 @@ def uid_for(result: InferenceResult, kind: str, index: int = 0) -> str:
         result.model.version,
         kind,
         index,
+        input_digest="" if kind in STABLE_KINDS else input_digest(result),
     )
 
 
@@ -97,3 +124,26 @@ def add_ai_equipment(ds: Dataset, result: InferenceResult, manufacturer: str) ->
     seq = list(ds.get("ContributingEquipmentSequence", []))
     seq.append(item)
     ds.ContributingEquipmentSequence = DicomSequence(seq)
+
+
+def finding_site(code: Code | None, source: Dataset) -> Code | None:
+    """The finding site: the model's own, else the anatomy of the source images.
+
+    A model that detects lesions anywhere declares no site; the images then say where
+    they were taken: Anatomic Region Sequence (PS3.3 C.7.6.1), else Body Part Examined
+    mapped to SNOMED CT (PS3.16 Annex L). ``None`` when neither is known.
+    """
+    if code is not None:
+        return code
+    seq = source.get("AnatomicRegionSequence")
+    if seq:
+        item = seq[0]
+        value, scheme, meaning = (
+            item.get("CodeValue"),
+            item.get("CodingSchemeDesignator"),
+            item.get("CodeMeaning"),
+        )
+        if value and scheme and meaning:
+            return Code(str(value), str(scheme), str(meaning))
+    part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    return codes.SITE_BY_BODY_PART.get(part)
