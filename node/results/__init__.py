@@ -6,7 +6,7 @@ with deterministic UIDs. :func:`store_results` writes them durably to the outbox
 queues one ``send`` job per destination.
 """
 
-from node.results.encode import encode_all
+from node.results.encode import encode_all, predecessor_for
 from node.results.sc import encode_heatmap_sc
 from node.results.seg import encode_seg
 from node.results.sr import encode_sr
@@ -19,5 +19,6 @@ __all__ = [
     "encode_seg",
     "encode_sr",
     "outbox_path",
+    "predecessor_for",
     "store_results",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -21,6 +22,7 @@ __all__ = [
     "finding_site",
     "input_digest",
     "procedure_reported",
+    "stamp",
     "uid_for",
 ]
 
@@ -147,3 +149,30 @@ def finding_site(code: Code | None, source: Dataset) -> Code | None:
             return Code(str(value), str(scheme), str(meaning))
     part = str(source.get("BodyPartExamined", "") or "").strip().upper()
     return codes.SITE_BY_BODY_PART.get(part)
+
+
+#: Date/time attributes that say when a result object was made (PS3.3 C.12.1, C.7.6.1,
+#: C.8.6.1); pairs of (date keyword, time keyword).
+_MADE_AT = (
+    ("InstanceCreationDate", "InstanceCreationTime"),
+    ("ContentDate", "ContentTime"),
+    ("SeriesDate", "SeriesTime"),
+    ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+    ("PresentationCreationDate", "PresentationCreationTime"),
+)
+
+
+def stamp(ds: Dataset, made_at: datetime) -> None:
+    """Set every "made at" date/time of ``ds`` to ``made_at`` (SeriesDate/Time always).
+
+    highdicom stamps the wall clock; the worker passes the infer job's creation time
+    instead, so a re-run of the same job writes byte-identical objects.
+    """
+    date, time = made_at.strftime("%Y%m%d"), made_at.strftime("%H%M%S")
+    for date_kw, time_kw in _MADE_AT:
+        if date_kw in ds or date_kw == "SeriesDate":
+            setattr(ds, date_kw, date)
+            setattr(ds, time_kw, time)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time

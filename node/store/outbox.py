@@ -23,7 +23,14 @@ from node.store.db import Database, Job, JobKind, JobStatus, Result, now
 from node.store.durable import fsync_dir, uid_path, write_durable
 from node.store.jobs import enqueue
 
-__all__ = ["cleanup", "object_kind", "outbox_path", "send_key", "store_results"]
+__all__ = [
+    "cleanup",
+    "latest_in_series",
+    "object_kind",
+    "outbox_path",
+    "send_key",
+    "store_results",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +40,12 @@ _KINDS = {
     "1.2.840.10008.5.1.4.1.1.88.22": "sr",  # Enhanced SR
     "1.2.840.10008.5.1.4.1.1.7": "sc",  # Secondary Capture
     "1.2.840.10008.5.1.4.1.1.66.4": "seg",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.11.1": "pr",  # Grayscale Softcopy Presentation State
 }
 
 
 def object_kind(ds: Dataset) -> str:
-    """``sr``, ``sc`` or ``seg`` from the SOP Class; anything else is ``other``."""
+    """``sr``, ``sc``, ``seg`` or ``pr`` from the SOP Class; anything else is ``other``."""
     return _KINDS.get(str(ds.SOPClassUID), "other")
 
 
@@ -90,6 +98,7 @@ def store_results(
                     sop_instance_uid=uid,
                     sop_class_uid=str(ds.SOPClassUID),
                     study_instance_uid=str(ds.StudyInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
                     kind=object_kind(ds),
                     model=model,
                     path=rel,
@@ -111,6 +120,27 @@ def store_results(
             )
         log.info("outbox: %s %s for %d destination(s)", row.kind, uid_tag(uid), len(destinations))
     return rows
+
+
+def latest_in_series(
+    db: Database, series_instance_uid: str, sop_instance_uid: str
+) -> tuple[str, str] | None:
+    """``(SOP Class UID, SOP Instance UID)`` of the newest other object in a result series.
+
+    ``sop_instance_uid`` is the object about to be made. When it already exists (a
+    re-run on the same input), the answer is the newest object recorded *before* it,
+    so the re-run names the same predecessor as the first run did.
+    """
+    with db.read() as s:
+        own = s.scalar(select(Result.id).where(Result.sop_instance_uid == sop_instance_uid))
+        query = select(Result.sop_class_uid, Result.sop_instance_uid).where(
+            Result.series_instance_uid == series_instance_uid,
+            Result.sop_instance_uid != sop_instance_uid,
+        )
+        if own is not None:
+            query = query.where(Result.id < own)
+        row = s.execute(query.order_by(Result.id.desc()).limit(1)).first()
+    return (str(row[0]), str(row[1])) if row is not None else None
 
 
 def cleanup(db: Database, outbox_dir: Path | str) -> int:

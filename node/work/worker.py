@@ -22,6 +22,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -206,7 +207,7 @@ class Worker:
         ``postprocess``, ``encode`` (SR, SC, SEG), ``store`` (outbox + send jobs) and
         ``total``.  The metrics endpoint and ``bench/e2e.py`` read them.
         """
-        from node.results import encode_all
+        from node.results import encode_all, predecessor_for
         from node.store.outbox import store_results
 
         payload = dict(job.payload)
@@ -236,7 +237,15 @@ class Worker:
                 timings[k] += float(result.timings.get(k, 0.0))
             timings["load_model"] += float(result.timings.get("load", 0.0))
             t2 = time.perf_counter()
-            objects = encode_all(result, datasets, self.cfg)
+            # Objects carry the job's creation time and name the SR they replace, so a
+            # re-run of this job writes the same bytes (node/results/uids.py).
+            objects = encode_all(
+                result,
+                datasets,
+                self.cfg,
+                made_at=datetime.fromtimestamp(job.created_at),
+                predecessor=predecessor_for(self.db, result),
+            )
             timings["encode"] += time.perf_counter() - t2
             t3 = time.perf_counter()
             stored = store_results(
