@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 
+from highdicom.valuerep import _check_specific_character_set
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 
 from models.result import InferenceResult
+from node.logs import uid_tag
 from node.results import codes
 from node.results.uids import result_uid
 from node.store.jobs import key_digest
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SERIES_NUMBER",
@@ -30,14 +35,82 @@ __all__ = [
 SERIES_NUMBER = {"sr": 9001, "sc": 9002, "seg": 9003, "pr": 9004}
 
 
+#: Type 2 attributes the result objects copy from the source (Patient, General Study,
+#: PS3.3 C.7.1.1 and C.7.2.1) or read from it (Patient Orientation, C.7.6.1.1.1). A lax
+#: modality or a de-identifier may leave them out; they are then written empty.
+TYPE2_FROM_SOURCE = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _charset_usable(ds: Dataset) -> bool:
+    """Whether highdicom writes the source's Specific Character Set as it is.
+
+    highdicom refuses some valid forms, e.g. Korean written ``\\ISO 2022 IR 149`` with
+    an empty first value (PS3.5 6.1.2.5.3).
+    """
+    charset = ds.get("SpecificCharacterSet")
+    if not charset:
+        return True
+    try:
+        _check_specific_character_set(charset)
+    except ValueError:
+        return False
+    return True
+
+
+def _complete(ds: Dataset) -> tuple[Dataset, list[str]]:
+    """``ds`` with absent Type 2 attributes present and empty, and what was changed.
+
+    The source is not changed: the copy shares its pixel data, only the element table
+    is new. A character set highdicom cannot write is replaced by UTF-8 (ISO_IR 192):
+    the text is decoded with the source's own character set first, so it stays the
+    same text, re-encoded.
+    """
+    missing = [kw for kw in TYPE2_FROM_SOURCE if kw not in ds]
+    projection = "ImageOrientationPatient" not in ds and "PatientOrientation" not in ds
+    if projection:
+        missing.append("PatientOrientation")
+    utf8 = not _charset_usable(ds)
+    if not missing and not utf8:
+        return ds, []
+    out = Dataset()
+    for elem in ds:  # iterating decodes text with the source's character set
+        out.add(elem)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for kw in missing:
+        setattr(out, kw, None)
+    if utf8:
+        out.SpecificCharacterSet = "ISO_IR 192"
+        missing.append("SpecificCharacterSet (re-encoded as ISO_IR 192)")
+    return out, missing
+
+
 class SourceIndex:
-    """The source data sets by SOP Instance UID, checked against the result once."""
+    """The source data sets by SOP Instance UID, checked against the result once.
+
+    Source headers may lack Type 2 attributes (de-identified or lax modalities); the
+    index holds copies with them present and empty, so every encoder writes them empty
+    as the IODs require, and logs which ones were missing (keywords only, no values).
+    """
 
     def __init__(self, result: InferenceResult, sources: Sequence[Dataset]) -> None:
         if not sources:
             raise ValueError("sources: at least one source data set is needed")
         self.by_uid: dict[str, Dataset] = {}
-        for ds in sources:
+        gaps: set[str] = set()
+        for original in sources:
+            ds, missing = _complete(original)
+            gaps.update(missing)
             uid = str(ds.SOPInstanceUID)
             self.by_uid[uid] = ds
             if str(ds.StudyInstanceUID) != result.study_instance_uid:
@@ -45,8 +118,17 @@ class SourceIndex:
         missing = [u for u in result.source_sop_instance_uids if u not in self.by_uid]
         if missing:
             raise ValueError(f"sources: {len(missing)} image(s) of the result are not given")
-        self.ordered = [self.by_uid[u] for u in result.source_sop_instance_uids] or list(sources)
+        self.ordered = [self.by_uid[u] for u in result.source_sop_instance_uids] or list(
+            self.by_uid.values()
+        )
         self.first = self.ordered[0]
+        if gaps:
+            log.warning(
+                "series %s: source header lacks Type 2 attribute(s) or has a character "
+                "set the results cannot use: %s; written empty or converted",
+                uid_tag(result.series_instance_uid),
+                ", ".join(sorted(gaps)),
+            )
 
     def get(self, uid: str) -> Dataset:
         try:

@@ -95,6 +95,44 @@ def _region_under(
     )
 
 
+#: What highdicom's TID 1602 descriptors read, by kind of image.
+_DESCRIPTORS = {
+    "projection": ("PatientOrientation", "ImagerPixelSpacing"),
+    "cross": ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness"),
+}
+_PROJECTION = {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"}
+
+
+def _library_entry(image: Dataset) -> Dataset:
+    """``image`` as the TID 1600 library describes it.
+
+    An image without the attributes its modality's TID 1602 descriptors need (a CR with
+    no Imager Pixel Spacing, a radiograph with an empty Patient Orientation) is listed
+    with modality, size and frame of reference only, instead of failing the report.
+    """
+    modality = str(image.get("Modality", ""))
+    kind = (
+        "projection"
+        if modality in _PROJECTION
+        else "cross"
+        if modality in ("CT", "MR", "PT")
+        else ""
+    )
+    needed = _DESCRIPTORS.get(kind, ())
+    complete = all(image.get(k) not in (None, "") for k in needed)
+    if complete and kind == "projection":
+        po = image.get("PatientOrientation")
+        complete = po is not None and len(po) == 2 and all(po)
+    if complete:
+        return image
+    view = Dataset()
+    for kw in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if kw in image:
+            setattr(view, kw, image.get(kw))
+    view.Modality = ""  # no modality-specific descriptors
+    return view
+
+
 def _spacing(image: Dataset) -> tuple[float, float] | None:
     spacing = image.get("PixelSpacing") or image.get("ImagerPixelSpacing")
     if not spacing or len(spacing) != 2:
@@ -280,7 +318,8 @@ def build_sr(
         procedure_reported=procedure_reported(src.first),
         imaging_measurements=groups or None,
         # TID 1600: the images the findings are drawn on (older OHIF needs the library).
-        referenced_images=[d for d in ordered if str(d.Modality) != "SEG"] or [src.first],
+        referenced_images=[_library_entry(d) for d in ordered if str(d.Modality) != "SEG"]
+        or [_library_entry(src.first)],
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=ordered,
