@@ -11,6 +11,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 
+from models.preprocess import window_from_dataset
 from models.result import InferenceResult
 from node.logs import uid_tag
 from node.results import codes
@@ -24,6 +25,7 @@ __all__ = [
     "STABLE_KINDS",
     "SourceIndex",
     "add_ai_equipment",
+    "display_window",
     "finding_site",
     "input_digest",
     "procedure_reported",
@@ -258,3 +260,25 @@ def stamp(ds: Dataset, made_at: datetime) -> None:
     for item in ds.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = date + time
+
+
+#: Display windows (centre, width in HU) by finding site for CT (lungs are black in a
+#: soft-tissue window); sites are SNOMED CT codes of lung and thorax.
+LUNG_WINDOW = (-600.0, 1500.0)
+SOFT_TISSUE_WINDOW = (40.0, 400.0)
+_LUNG_SITES = {"39607008", "51185008", "181216001", "3341006", "44029006"}
+
+
+def display_window(source: Dataset, site: Code | None) -> tuple[float, float] | None:
+    """The VOI window a reader wants for a finding at ``site`` on ``source``.
+
+    CT: a lung window for lung and thorax findings, else the image's own window, else
+    soft tissue. Other modalities: the image's own window (``None`` when it has none:
+    the caller then uses the image's range). The heatmap SC and the presentation state
+    use the same answer, so both show the finding the same way.
+    """
+    if str(source.get("Modality", "")) == "CT":
+        if site is not None and site.value in _LUNG_SITES:
+            return LUNG_WINDOW
+        return window_from_dataset(source) or SOFT_TISSUE_WINDOW
+    return window_from_dataset(source)

@@ -11,6 +11,7 @@ from pydicom import Dataset
 from models.result import InferenceResult
 from node.config import NodeConfig
 from node.results.common import SourceIndex, stamp, uid_for
+from node.results.pr import build_gsps
 from node.results.sc import build_heatmap_sc
 from node.results.seg import build_seg
 from node.results.sr import Predecessor, build_sr
@@ -44,7 +45,7 @@ def encode_all(
     made_at: datetime | None = None,
     predecessor: Predecessor | None = None,
 ) -> list[Dataset]:
-    """SEG (segmentation results with a non-empty mask), SR, then the heatmap SCs.
+    """SR, SEG (segmentation results with a non-empty mask), heatmap SCs, then the GSPS.
 
     ``made_at`` is written as every object's creation, content and series date/time
     (default: now); the worker passes its job's creation time, so a re-run of a job
@@ -62,12 +63,13 @@ def encode_all(
     sr = build_sr(result, src, cfg, seg=seg, predecessor=predecessor)
     t2 = time.perf_counter()
     scs = build_heatmap_sc(result, src, cfg)
+    gsps = build_gsps(result, src, cfg)
     t3 = time.perf_counter()
     if timings is not None:
         timings.update(
             encode_seg_s=t1 - t0, encode_sr_s=t2 - t1, encode_sc_s=t3 - t2, encode_s=t3 - t0
         )
-    objects = [sr, *([seg] if seg is not None else []), *scs]
+    objects = [sr, *([seg] if seg is not None else []), *scs, *([gsps] if gsps else [])]
     when = made_at or datetime.now()
     for obj in objects:
         stamp(obj, when)

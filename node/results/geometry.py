@@ -10,11 +10,72 @@ area, and a viewer draws it around the lesion, not through its border pixels.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["key_slice", "outline", "polygon_area"]
+from models.result import Finding, InferenceResult
+
+__all__ = ["HOT_FRACTION", "Placement", "key_slice", "outline", "place", "polygon_area"]
+
+#: The hot region of a heatmap: where it reaches this fraction of its peak.
+HOT_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one finding is drawn: its image, its peak and (when known) its outline.
+
+    ``outline`` is a closed (column, row) polygon: the lesion on its key slice for a
+    segmentation, the hot region around the peak for a heatmap.
+    """
+
+    sop_instance_uid: str
+    peak: tuple[float, float]
+    outline: npt.NDArray[np.float64] | None
+
+
+def place(result: InferenceResult, finding: Finding) -> Placement | None:
+    """The :class:`Placement` of ``finding``; ``None`` when it has no location."""
+    label = finding.segment_number
+    if result.mask is not None and label is not None:
+        k = key_slice(result.mask, label)
+        if k is not None:
+            region = result.mask[k] == label
+            rows, cols = np.nonzero(region)
+            # The lesion pixel nearest its centroid: inside the lesion even when concave.
+            d = (rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2
+            i = int(np.argmin(d))
+            return Placement(
+                result.source_sop_instance_uids[k],
+                (float(cols[i]) + 0.5, float(rows[i]) + 0.5),
+                outline(region),
+            )
+    if finding.peak is None:
+        return None
+    uid, row, col = finding.peak
+    heat = result.heatmaps.get(uid)
+    shape = None
+    if heat is not None and heat.shape[0] > row and heat.shape[1] > col and heat[row, col] > 0:
+        hot = heat >= HOT_FRACTION * float(heat[row, col])
+        shape = outline(_component(hot, row, col))
+    return Placement(uid, (col + 0.5, row + 0.5), shape)
+
+
+def _component(mask: npt.NDArray[np.bool_], row: int, col: int) -> npt.NDArray[np.bool_]:
+    """The 4-connected part of ``mask`` that holds (row, col)."""
+    out = np.zeros_like(mask)
+    stack = [(row, col)]
+    rows, cols = mask.shape
+    while stack:
+        r, c = stack.pop()
+        if r < 0 or c < 0 or r >= rows or c >= cols or out[r, c] or not mask[r, c]:
+            continue
+        out[r, c] = True
+        stack.extend(((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)))
+    return out
+
 
 _Point = tuple[int, int]
 

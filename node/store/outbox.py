@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmwrite
@@ -74,10 +74,14 @@ def store_results(
     infer_job_id: int | None,
     destinations: list[str],
     max_attempts: int = 10,
+    objects: Mapping[str, Collection[str]] | None = None,
 ) -> list[Result]:
     """Write ``datasets`` to the outbox, record them, queue one send per destination.
 
-    Returns the ``results`` rows (existing ones when this is a re-run).
+    ``objects`` maps a destination to the object kinds it takes (:func:`object_kind`:
+    ``sr``, ``seg``, ``sc``, ``pr``; ``[[destinations]] objects`` in the config); a
+    destination not in it takes all. Returns the ``results`` rows (existing ones when
+    this is a re-run).
     """
     if not model:
         raise ValueError("store_results: model must not be empty")
@@ -108,7 +112,11 @@ def store_results(
                 s.add(row)
                 s.flush()
             rows.append(row)
+        queued = 0
         for dest in destinations:
+            if objects is not None and dest in objects and row.kind not in objects[dest]:
+                continue
+            queued += 1
             enqueue(
                 db,
                 JobKind.SEND,
@@ -118,7 +126,7 @@ def store_results(
                 max_attempts=max_attempts,
                 parent_id=infer_job_id,
             )
-        log.info("outbox: %s %s for %d destination(s)", row.kind, uid_tag(uid), len(destinations))
+        log.info("outbox: %s %s for %d destination(s)", row.kind, uid_tag(uid), queued)
     return rows
 
 

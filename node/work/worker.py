@@ -256,6 +256,7 @@ class Worker:
                 infer_job_id=job.id,
                 destinations=list(payload.get("destinations", [])),
                 max_attempts=self.cfg.send.max_attempts,
+                objects={d.name: d.objects for d in self.cfg.destinations},
             )
             timings["store"] += time.perf_counter() - t3
             result_uids.extend(r.sop_instance_uid for r in stored)

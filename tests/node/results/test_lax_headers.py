@@ -80,7 +80,8 @@ def test_stripped_sources_give_valid_results(
     with caplog.at_level(logging.WARNING, logger="node.results"):
         objects = encode_all(result, sources, NodeConfig())
     kinds = sorted(str(o.Modality) for o in objects)
-    assert "SR" in kinds and "OT" in kinds and ("SEG" in kinds) == (modality == "CT")
+    assert "SR" in kinds and "OT" in kinds and "PR" in kinds
+    assert ("SEG" in kinds) == (modality == "CT")
     for i, obj in enumerate(objects):
         path = tmp_path / f"{i}.dcm"
         obj.save_as(path, enforce_file_format=True)

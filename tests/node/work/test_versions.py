@@ -32,6 +32,7 @@ from tests.peers import SHIPPED_PACKAGES, orthanc
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 SR, SEG = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.66.4"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @pytest.fixture
@@ -103,6 +104,13 @@ def test_late_slices_make_a_new_version_that_reaches_the_pacs(
 
     objects = _orthanc_objects(base, study_uid)
     srs = {str(d.SOPInstanceUID): d for d in objects[SR]}
+    # The presentation state of the new version sits in the source study too, pointing
+    # at the source slices (the first part may hold no lesion, hence no annotation).
+    assert any(str(pr.SOPInstanceUID) in second for pr in objects[GSPS])
+    source_uids = {str(d.SOPInstanceUID) for d in series}
+    for pr in objects[GSPS]:
+        refs = pr.ReferencedSeriesSequence[0].ReferencedImageSequence
+        assert {str(r.ReferencedSOPInstanceUID) for r in refs} <= source_uids
     assert len(srs) == 2
     old_uid = next(u for u in first if u in srs)
     new = srs[next(u for u in second if u in srs)]
