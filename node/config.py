@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "ALL_RESULT_OBJECTS",
     "ConfigError",
     "DestinationConfig",
     "HttpConfig",
@@ -131,6 +132,12 @@ class SecurityConfig(_Model):
         return [_check_ae(v) for v in value]
 
 
+#: Result objects a destination can be sent: TID 1500 SR, SEG, heatmap secondary
+#: captures, grayscale presentation states.
+ResultObject = Literal["sr", "seg", "sc", "pr"]
+ALL_RESULT_OBJECTS: tuple[ResultObject, ...] = ("sr", "seg", "sc", "pr")
+
+
 class DestinationConfig(_Model):
     name: str = Field(min_length=1, max_length=64)  # the jobs.destination column
     ae_title: str
@@ -140,6 +147,11 @@ class DestinationConfig(_Model):
     tls: TlsConfig | None = None
     max_pdu: int = Field(default=0, ge=0)
     timeout_s: float = Field(default=30.0, gt=0)
+    #: Which result objects this destination gets (a PACS whose viewer shows neither SR
+    #: nor SEG may want only "sc" and "pr"); all of them by default.
+    objects: list[ResultObject] = Field(
+        default_factory=lambda: list(ALL_RESULT_OBJECTS), min_length=1
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
     _calling = field_validator("calling_ae_title")(

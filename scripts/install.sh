@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs airnode on a fresh Debian/Ubuntu machine: system peers (dcmtk, dicom3tools,
-# Orthanc, Chromium for the status-page test) and a virtual environment in .venv.
+# Orthanc, Chromium for the status-page test, Node.js for the viewer-library checks)
+# and a virtual environment in .venv. With --dev, also the npm packages (dcmjs and the
+# Cornerstone adapters, pinned in tests/js/package-lock.json) that the tests use to
+# load our SR and SEG the way OHIF does.
 # Usage: bash scripts/install.sh [--no-system] [--dev]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +20,7 @@ done
 
 if [ "$system" = 1 ]; then
   pkgs="dcmtk dicom3tools orthanc chromium postgresql"
+  [ "$extras" = "train" ] || pkgs="$pkgs nodejs npm"
   missing=""
   for p in $pkgs; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
@@ -35,4 +39,8 @@ PY="${PYTHON:-python3}"
 # The CPU build of torch first: any other version would pull gigabytes of CUDA packages.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[$extras]"
+if [ "$extras" != "train" ]; then
+  # Exact versions from the lock file; no install scripts are needed by these packages.
+  (cd tests/js && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
+fi
 echo "airnode installed in .venv ($(.venv/bin/airnode --version 2>/dev/null || echo '?'))"

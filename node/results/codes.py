@@ -14,13 +14,17 @@ from models.result import Code as ResultCode
 __all__ = [
     "ABSENT",
     "AI_FAMILY",
+    "AREA",
     "DEVICE_OBSERVER",
+    "IMAGE_REGION",
     "IMAGING_PROCEDURE",
+    "MM2",
     "PRESENCE",
     "PRESENT",
     "PROBABILITY",
     "PROCEDURE_BY_MODALITY",
     "PROCESSING_ALGORITHM",
+    "SITE_BY_BODY_PART",
     "UNITLESS",
     "to_code",
 ]
@@ -42,6 +46,25 @@ UNITLESS = Code("1", "UCUM", "no units")
 PRESENCE = Code("121052", "DCM", "Presence of property")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("2667000", "SCT", "Absent")
+
+#: The lesion's area on its key slice (TID 1410 measurement; the outline's enclosed area).
+AREA = Code("42798000", "SCT", "Area")
+MM2 = Code("mm2", "UCUM", "square millimeter")
+
+#: Concept name of a SCOORD that says where a measurement was made (TID 320, TID 1410).
+IMAGE_REGION = Code("111030", "DCM", "Image Region")
+
+#: Finding site from Body Part Examined when the model declares none (PS3.16 Annex L).
+SITE_BY_BODY_PART: dict[str, Code] = {
+    "CHEST": Code("51185008", "SCT", "Thoracic structure"),
+    "THORAX": Code("51185008", "SCT", "Thoracic structure"),
+    "LUNG": Code("39607008", "SCT", "Lung structure"),
+    "ABDOMEN": Code("818981001", "SCT", "Abdomen"),
+    "HEAD": Code("69536005", "SCT", "Head structure"),
+    "BRAIN": Code("12738006", "SCT", "Brain structure"),
+    "PELVIS": Code("816092008", "SCT", "Pelvis"),
+    "LIVER": Code("10200004", "SCT", "Liver structure"),
+}
 
 #: Procedure reported (CID 100) when the source study carries no Procedure Code Sequence.
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")

@@ -79,5 +79,10 @@ def build_seg(result: InferenceResult, src: SourceIndex, cfg: NodeConfig) -> Dat
         series_description=f"AI segmentation {model.name} {model.version}"[:64],
         omit_empty_frames=True,
     )
+    # highdicom draws the dimension organisation UID at random; a deterministic one
+    # keeps a re-run's SEG byte-identical (PS3.3 C.7.6.17.1).
+    dimension_uid = uid_for(result, "seg-dimension")
+    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = dimension_uid
     add_ai_equipment(seg, result, cfg.results.manufacturer)
     return seg

@@ -1,9 +1,14 @@
 """Deterministic UIDs for result objects.
 
 A result's UIDs are a pure function of the source study and series, the model name
-and version, the object kind and an index. A worker that crashed and re-ran the same
-infer job therefore produces byte-for-byte the same identities, and a resend after a
-crash is a duplicate the PACS ignores (PS3.4 B.4.1: a repeated SOP Instance UID).
+and version, the object kind, an index and, for object instances, the exact input: a
+digest of the sorted source SOP Instance UIDs (the same digest the infer job's
+idempotency key holds). A worker that crashed and re-ran the same infer job therefore
+produces the same identities, and a resend after a crash is a duplicate the PACS
+ignores (PS3.4 B.4.1: a repeated SOP Instance UID). A re-run on changed input (slices
+that arrived late) produces new instances in the same result series, so the
+corrected objects are stored next to the earlier ones instead of being discarded as
+duplicates.
 
 By default the UIDs use the ``2.25`` root (PS3.5 Annex B.2: a UUID written as one
 integer) with a name-based UUID (RFC 4122 version 5) of the inputs; that root needs no
@@ -35,8 +40,13 @@ def result_uid(
     model_version: str,
     kind: str,
     index: int = 0,
+    input_digest: str = "",
 ) -> str:
-    """A UID that is the same every time for the same inputs, and unique across them."""
+    """A UID that is the same every time for the same inputs, and unique across them.
+
+    ``input_digest`` is empty for identities that stay across versions of a result (its
+    series, tracking UIDs) and the input digest for the object instances.
+    """
     for name, value in (
         ("study_instance_uid", study_instance_uid),
         ("model_name", model_name),
@@ -56,6 +66,8 @@ def result_uid(
         kind,
         str(index),
     ]
+    if input_digest:
+        sources.append(input_digest)
     if UID_PREFIX is None:
         return f"2.25.{uuid.uuid5(_NAMESPACE, chr(0).join(sources)).int}"
     return str(generate_uid(prefix=UID_PREFIX, entropy_srcs=sources))

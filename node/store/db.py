@@ -204,7 +204,9 @@ class Result(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # sr | sc | seg
+    # The result object's own series: versions of a result share it (see results.md).
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sr | sc | seg | pr
     model: Mapped[str] = mapped_column(String(128))
     path: Mapped[str] = mapped_column(String(512))  # relative to the outbox directory
     infer_job_id: Mapped[int | None] = mapped_column(

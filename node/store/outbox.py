@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmwrite
@@ -24,7 +24,14 @@ from node.store.durable import fsync_dir, uid_path, write_durable
 from node.store.jobs import enqueue
 from node.store.payloads import SendPayload
 
-__all__ = ["cleanup", "object_kind", "outbox_path", "send_key", "store_results"]
+__all__ = [
+    "cleanup",
+    "latest_in_series",
+    "object_kind",
+    "outbox_path",
+    "send_key",
+    "store_results",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +41,12 @@ _KINDS = {
     "1.2.840.10008.5.1.4.1.1.88.22": "sr",  # Enhanced SR
     "1.2.840.10008.5.1.4.1.1.7": "sc",  # Secondary Capture
     "1.2.840.10008.5.1.4.1.1.66.4": "seg",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.11.1": "pr",  # Grayscale Softcopy Presentation State
 }
 
 
 def object_kind(ds: Dataset) -> str:
-    """``sr``, ``sc`` or ``seg`` from the SOP Class; anything else is ``other``."""
+    """``sr``, ``sc``, ``seg`` or ``pr`` from the SOP Class; anything else is ``other``."""
     return _KINDS.get(str(ds.SOPClassUID), "other")
 
 
@@ -67,10 +75,14 @@ def store_results(
     infer_job_id: int | None,
     destinations: list[str],
     max_attempts: int | None = None,
+    objects: Mapping[str, Collection[str]] | None = None,
 ) -> list[Result]:
     """Write ``datasets`` to the outbox, record them, queue one send per destination.
 
-    Returns the ``results`` rows (existing ones when this is a re-run).
+    ``objects`` maps a destination to the object kinds it takes (:func:`object_kind`:
+    ``sr``, ``seg``, ``sc``, ``pr``; ``[[destinations]] objects`` in the config); a
+    destination not in it takes all. Returns the ``results`` rows (existing ones when
+    this is a re-run).
     """
     if not model:
         raise ValueError("store_results: model must not be empty")
@@ -91,6 +103,7 @@ def store_results(
                     sop_instance_uid=uid,
                     sop_class_uid=str(ds.SOPClassUID),
                     study_instance_uid=str(ds.StudyInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
                     kind=object_kind(ds),
                     model=model,
                     path=rel,
@@ -100,7 +113,11 @@ def store_results(
                 s.add(row)
                 s.flush()
             rows.append(row)
+        queued = 0
         for dest in destinations:
+            if objects is not None and dest in objects and row.kind not in objects[dest]:
+                continue
+            queued += 1
             enqueue(
                 db,
                 JobKind.SEND,
@@ -110,8 +127,29 @@ def store_results(
                 max_attempts=max_attempts,
                 parent_id=infer_job_id,
             )
-        log.info("outbox: %s %s for %d destination(s)", row.kind, uid_tag(uid), len(destinations))
+        log.info("outbox: %s %s for %d destination(s)", row.kind, uid_tag(uid), queued)
     return rows
+
+
+def latest_in_series(
+    db: Database, series_instance_uid: str, sop_instance_uid: str
+) -> tuple[str, str] | None:
+    """``(SOP Class UID, SOP Instance UID)`` of the newest other object in a result series.
+
+    ``sop_instance_uid`` is the object about to be made. When it already exists (a
+    re-run on the same input), the answer is the newest object recorded *before* it,
+    so the re-run names the same predecessor as the first run did.
+    """
+    with db.read() as s:
+        own = s.scalar(select(Result.id).where(Result.sop_instance_uid == sop_instance_uid))
+        query = select(Result.sop_class_uid, Result.sop_instance_uid).where(
+            Result.series_instance_uid == series_instance_uid,
+            Result.sop_instance_uid != sop_instance_uid,
+        )
+        if own is not None:
+            query = query.where(Result.id < own)
+        row = s.execute(query.order_by(Result.id.desc()).limit(1)).first()
+    return (str(row[0]), str(row[1])) if row is not None else None
 
 
 def cleanup(db: Database, outbox_dir: Path | str) -> int:

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import pydicom
@@ -273,7 +274,7 @@ class Worker:
         ``postprocess``, ``encode`` (SR, SC, SEG), ``store`` (outbox + send jobs) and
         ``total``.  The metrics endpoint and ``bench/e2e.py`` read them.
         """
-        from node.results import encode_all
+        from node.results import encode_all, predecessor_for
         from node.store.outbox import store_results
 
         try:
@@ -304,7 +305,15 @@ class Worker:
                 timings[k] += float(result.timings.get(k, 0.0))
             timings["load_model"] += float(result.timings.get("load", 0.0))
             t2 = time.perf_counter()
-            objects = encode_all(result, datasets, self.cfg)
+            # Objects carry the job's creation time and name the SR they replace, so a
+            # re-run of this job writes the same bytes (node/results/uids.py).
+            objects = encode_all(
+                result,
+                datasets,
+                self.cfg,
+                made_at=datetime.fromtimestamp(job.created_at),
+                predecessor=predecessor_for(self.db, result),
+            )
             timings["encode"] += time.perf_counter() - t2
             t3 = time.perf_counter()
             stored = store_results(
@@ -315,6 +324,7 @@ class Worker:
                 infer_job_id=job.id,
                 destinations=payload.destinations,
                 max_attempts=self.cfg.send.max_attempts,
+                objects={d.name: d.objects for d in self.cfg.destinations},
             )
             timings["store"] += time.perf_counter() - t3
             result_uids.extend(r.sop_instance_uid for r in stored)

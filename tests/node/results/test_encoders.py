@@ -12,7 +12,7 @@ import pytest
 from pydicom import Dataset
 
 from node.config import NodeConfig, ResultsConfig
-from node.results import encode_all, encode_heatmap_sc, encode_seg, encode_sr
+from node.results import codes, encode_all, encode_heatmap_sc, encode_seg, encode_sr
 from node.results.codes import PROCESSING_ALGORITHM
 from tests.dicom_checks import assert_dciodvfy_clean, dsr2html
 from tests.node.results.sources import (
@@ -121,6 +121,9 @@ def test_segmentation_gives_aligned_seg_and_sr_that_references_it(tmp_path: Path
 @pytest.mark.parametrize("source", ["dx", "ct_small"])
 def test_heatmap_sc_is_rgb_with_notice_in_source_study(tmp_path: Path, source: str) -> None:
     ds = dx_image() if source == "dx" else ct_small()
+    if source == "dx":
+        ds.StudyDescription = "XR CHEST PA"
+        ds.BodyPartExamined = "CHEST"
     result = classification(ds)
     (sc,) = encode_heatmap_sc(result, [ds], CFG)
     path = _save(sc, tmp_path, "sc")
@@ -131,14 +134,22 @@ def test_heatmap_sc_is_rgb_with_notice_in_source_study(tmp_path: Path, source: s
     assert back.StudyInstanceUID == ds.StudyInstanceUID
     assert back.SeriesInstanceUID not in (ds.SeriesInstanceUID, "")
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert back.SeriesDate and back.SeriesTime
+    if source == "dx":
+        assert back.StudyDescription == "XR CHEST PA"
+        assert "Laterality" not in back  # known unpaired body part, side unknown: absent
     px = back.pixel_array.astype(int)
-    assert px.shape == (ds.Rows, ds.Columns, 3)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    assert px.shape[1] == cols and px.shape[0] > rows  # a text band below the image
     _, row, col = result.findings[0].peak  # type: ignore[misc]
     r, g, b = px[row, col]
-    assert r > g + 60 and r > b + 60  # the heatmap peak shows red
-    corner = px[-1, 0]
-    assert abs(int(corner[0]) - int(corner[2])) < 3  # no heat: still grey
-    assert np.any((px[:12, :, 0] > 200) & (px[:12, :, 1] > 200) & (px[:12, :, 2] < 60))  # text
+    assert r > g + 40 and r > b + 40  # the heatmap peak shows red
+    band = px[rows:]
+    yellow = (band[..., 0] > 200) & (band[..., 1] > 200) & (band[..., 2] < 80)
+    assert yellow.any()  # finding text and notice in the band
+    assert not ((band[..., 0] > 60) & (band[..., 2] < 30) & (band[..., 1] < 30)).all()
+    image = px[:rows]
+    assert np.abs(image[..., 0] - image[..., 2]).max() > 60  # colour on the image
 
 
 def test_series_gets_at_most_n_most_relevant_captures() -> None:
@@ -219,4 +230,35 @@ def test_faint_heat_leaves_the_image_grey_and_strong_heat_colours_it() -> None:
     faint = rgb[40, 8].astype(int)
     assert max(faint) - min(faint) <= 2  # still grey
     hot = rgb[40, 36].astype(int)
-    assert hot[0] - hot[2] > 60  # clearly red
+    assert hot[0] - hot[2] > 40  # clearly red
+    assert tuple(rgb[40, 32]) == (255, 255, 0)  # the hot region's outline
+
+
+def test_no_colour_outside_the_body_and_the_finding_stays_visible() -> None:
+    from node.results.sc import render
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    body = (yy - 32) ** 2 + (xx - 32) ** 2 < 20**2
+    grey = np.where(body, 0.5, 0.0).astype(np.float32)
+    grey[30:34, 30:34] = 0.9  # the finding, brighter than its surroundings
+    heat = np.ones((64, 64), dtype=np.float32)  # activation everywhere
+    rgb = render(grey, heat, ["x"], body=body).astype(int)
+    outside = rgb[:64][~body]
+    assert (np.abs(outside[:, 0] - outside[:, 2]) <= 2).all()  # grey (black) outside
+    # Under the strongest activation the finding is still brighter than its neighbours.
+    assert rgb[32, 32].sum() > rgb[32, 40].sum()
+
+
+def test_lung_findings_on_ct_get_a_lung_window() -> None:
+    from node.results.common import LUNG_WINDOW, SOFT_TISSUE_WINDOW, display_window
+    from tests.node.results.sources import LUNG
+
+    ct = ct_small()
+    ct.WindowCenter, ct.WindowWidth = 50, 350
+    assert display_window(ct, codes.to_code(LUNG)) == LUNG_WINDOW
+    liver = codes.to_code(LUNG.__class__("10200004", "SCT", "Liver structure"))
+    assert display_window(ct, liver) == (50.0, 350.0)
+    del ct.WindowCenter, ct.WindowWidth
+    assert display_window(ct, liver) == SOFT_TISSUE_WINDOW
+    dx = dx_image()
+    assert display_window(dx, codes.to_code(LUNG)) is None  # a radiograph's own range

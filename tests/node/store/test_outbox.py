@@ -32,7 +32,7 @@ def test_store_writes_hashed_files_rows_and_one_send_job_per_destination(
         db, tmp_path, objects, model="nodule-net", infer_job_id=None, destinations=["pacs", "ris"]
     )
     assert [r.sop_instance_uid for r in rows] == [str(o.SOPInstanceUID) for o in objects]
-    assert {r.kind for r in rows} == {"sr", "seg", "sc"}
+    assert {r.kind for r in rows} == {"sr", "seg", "sc", "pr"}
     for obj, row in zip(objects, rows, strict=True):
         path = tmp_path / row.path
         assert row.path == outbox_path(str(obj.SOPInstanceUID))
