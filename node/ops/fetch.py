@@ -216,10 +216,15 @@ def _associate(cfg: NodeConfig, src: SourceConfig, spool: Spool | None) -> Itera
         tls_args=tls_args,
     )
     if not assoc.is_established:
+        rsp = assoc.acceptor.primitive
         if assoc.is_rejected:
-            why = "association rejected (check its AE title and that it knows ours)"
-        elif assoc.is_aborted:
-            why = "association aborted"
+            why = (
+                f"association rejected ({getattr(rsp, 'reason_str', '?')}): check its AE "
+                "title and that it knows ours"
+            )
+        elif rsp is not None and getattr(rsp, "result", None) == 0x00:
+            how = "C-MOVE" if src.retrieve == "move" else "C-GET"
+            why = f"accepts none of the proposed contexts (Study Root C-FIND and {how})"
         else:
             why = "unreachable (connection refused or timed out)"
         raise FetchError(f"{_describe(src)}: {why}")
