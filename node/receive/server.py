@@ -47,6 +47,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.config import NodeConfig, SecurityConfig, TlsConfig
 from node.logs import configure_logging, uid_tag
+from node.receive.mpps import MppsScp, mpps_context
 from node.receive.spool import Spool, Status, StoreOutcome
 from node.store.db import init_db
 
@@ -393,7 +394,7 @@ class Receiver:
         ae.dimse_timeout = sec.dimse_timeout_s
         ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs
         ae.require_called_aet = False  # checked by the guard
-        ae.supported_contexts = storage_contexts()
+        ae.supported_contexts = [*storage_contexts(), mpps_context()]
         tls = server_tls_context(sec.tls) if sec.tls else None
         server = cast(
             _Server,
@@ -404,6 +405,7 @@ class Receiver:
                 evt_handlers=[
                     (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_C_STORE, self._on_store),
+                    *MppsScp(self.spool.db).handlers(),
                 ],
                 server_class=_Server,
                 request_handler=_RequestHandler,
