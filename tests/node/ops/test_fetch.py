@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -28,7 +29,7 @@ from sqlalchemy import select
 
 from node.ops.cli import main
 from node.ops.demo import demo_studies
-from node.ops.synthetic import write_series
+from node.ops.synthetic import ct_series, write_series
 from node.store.db import Database, Job, JobKind, Study, StudyState
 from tests.conftest import free_port
 from tests.peers import REPO, airnode_serve, fake_packages, orthanc, write_config
@@ -224,3 +225,36 @@ def test_no_matching_study_is_one_line(
     cfg = node_config(tmp_path, node_port, free_port(), pacs_port, "get")
     code, err = run_fetch(capsys, cfg, "--accession", "NO-SUCH-ACC")
     assert code == 2 and err.endswith("no study matches the query")
+
+
+@pytest.mark.integration
+def test_a_failed_sub_operation_leaves_the_study_to_the_time_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One instance of two is refused by the node (too large): the retrieve reports a
+    failure, so the study is not marked complete; the instance that came is kept."""
+    pacs_port, pacs_http, node_port = free_port(), free_port(), free_port()
+    files = write_series(ct_series(n_slices=2, rows=32, cols=32, seed=8), tmp_path / "ct")
+    big = dcmread(files[1])
+    big.private_block(0x0009, "AIRNODE TEST", create=True).add_new(0x00, "OB", bytes(40_000))
+    big.save_as(files[1])
+    study_uid = str(big.StudyInstanceUID)
+    mods = {"airnode": ("AIRNODE", "127.0.0.1", node_port)}
+    with orthanc(tmp_path / "orthanc", pacs_port, pacs_http, mods) as base:
+        for f in files:
+            requests.post(f"{base}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
+        cfg = node_config(tmp_path, node_port, free_port(), pacs_port, "get")
+        cfg.write_text(cfg.read_text() + "\n[security]\nmax_instance_bytes = 20000\n")
+        code = main(["fetch", "--config", str(cfg), "--source", "pacs", "--study", study_uid])
+    out = capsys.readouterr()
+    assert code == 2 and out.err.strip() == "airnode: 1 of 1 stud(ies) not retrieved completely"
+    line = out.out.strip()
+    assert line.startswith(f"study {study_uid}: found 2, retrieved 1, failed 1 (not complete: ")
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'airnode.sqlite'}")
+    try:
+        with db.read() as s:
+            row = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    finally:
+        db.dispose()
+    assert row is not None and row.instance_count == 1
+    assert row.complete_at is None and row.complete_rule is None
