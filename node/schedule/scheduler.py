@@ -6,7 +6,9 @@ instance, PS3.7 Section 9.1.1).  Exact signals come first, when there is one:
 * ``retrieve``: a C-MOVE/C-GET the node started ended with every sub-operation done
   (``airnode fetch`` sets ``studies.complete_at``);
 * ``mpps``: the study's Modality Performed Procedure Steps (PS3.4 Annex F.7) are all
-  COMPLETED (or DISCONTINUED) and every instance they list has arrived.
+  COMPLETED (or DISCONTINUED) and every instance they list has arrived;
+* ``count``: exactly as many instances arrived as the newest one states in Number of
+  Study Related Instances (0020,1208).
 
 An exact signal holds only while no instance arrived after it; otherwise a study
 counts as complete when no instance arrived for ``study.stable_after_s``, like
@@ -204,6 +206,7 @@ def _due_studies(
                             Study.first_received_at <= t - force_s,
                             Study.complete_at >= Study.last_received_at,
                             Study.study_instance_uid.in_(finished_mpps),
+                            Study.instance_count == Study.expected_instances,
                         ),
                     ),
                     and_(
@@ -219,6 +222,8 @@ def _due_studies(
             exact = _exact_rule(st)
             if exact is None and _mpps_complete(s, st):
                 exact = CompleteRule.MPPS
+            if exact is None and st.instance_count == st.expected_instances:
+                exact = CompleteRule.COUNT
             if exact is not None:
                 due.append((st, exact))
                 continue
@@ -286,8 +291,8 @@ def _finish_study(
     A forced study is finished anyway, with ``scheduled_at`` set to the newest
     instance the pass saw, so the newer ones count as a late arrival and are taken
     on a later pass: a study that never stops trickling still gets its jobs.
-    ``rule`` is recorded in ``complete_rule``; an MPPS completion also sets
-    ``complete_at`` (the other exact signals set it themselves).
+    ``rule`` is recorded in ``complete_rule``; an MPPS or count completion also
+    sets ``complete_at`` (a retrieve sets it itself).
     """
     forced = rule == CompleteRule.FORCED
     with db.session() as s:
@@ -310,7 +315,7 @@ def _finish_study(
         current.scheduled_at = t if unchanged else study.last_received_at
         current.note = note(queued)[:_NOTE_MAX]
         current.complete_rule = rule.value
-        if rule == CompleteRule.MPPS:
+        if rule in (CompleteRule.MPPS, CompleteRule.COUNT):
             current.complete_at = t
         return True, queued
 

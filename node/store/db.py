@@ -151,6 +151,9 @@ class Study(Base):
     complete_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: The :class:`CompleteRule` value that completed it (set by whoever saw it).
     complete_rule: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: Number of Study Related Instances (0020,1208) stated by the newest instance
+    #: that has it; the study is complete when exactly that many have arrived.
+    expected_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Mpps(Base):

@@ -1,4 +1,4 @@
-"""Which rule completes a study: exact signals (retrieve, MPPS) before the time rules."""
+"""Which rule completes a study: exact signals (retrieve, MPPS, count) before time rules."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import update
 
 from node.config import NodeConfig
 from node.schedule.scheduler import tick
-from node.store.db import CompleteRule, Database, Mpps, StudyState
+from node.store.db import CompleteRule, Database, Mpps, Study, StudyState
 from node.store.studies import mark_complete
 from tests.node.schedule.test_scheduler import (
     FORCE,
@@ -123,3 +124,26 @@ def test_mpps_in_progress_or_partial_waits_for_the_quiet_rule(
     report = tick(db, cfg, now=T0 + STABLE + 1)
     assert sorted(report.scheduled) == sorted([a, b])
     assert {study_row(db, u).complete_rule for u in (a, b)} == {"stable"}
+
+
+def set_expected(db: Database, study: str, n: int) -> None:
+    with db.session() as s:
+        stmt = update(Study).where(Study.study_instance_uid == study)
+        s.execute(stmt.values(expected_instances=n))
+
+
+def test_stated_instance_count_completes_the_study(
+    db: Database, cfg: NodeConfig, feed: Feed
+) -> None:
+    study = generate_uid()
+    series, _ = feed.series(study, 2, T0)
+    set_expected(db, study, 3)
+    assert tick(db, cfg, now=T0 + 1).due == 0
+    feed.add(study, series, T0 + 2)
+    assert tick(db, cfg, now=T0 + 3).scheduled == [study]
+    row = study_row(db, study)
+    assert row.complete_rule == "count" and row.complete_at == T0 + 3
+    feed.add(study, series, T0 + 4)  # one more than stated: back to the quiet rule
+    assert tick(db, cfg, now=T0 + 5).due == 0
+    assert tick(db, cfg, now=T0 + 4 + STABLE + 1).scheduled == [study]
+    assert study_row(db, study).complete_rule == "stable"

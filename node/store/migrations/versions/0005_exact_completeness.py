@@ -1,4 +1,4 @@
-"""Exact study completeness: studies.complete_at / complete_rule, and the mpps table
+"""Exact study completeness: studies.complete_at / complete_rule / expected_instances, mpps
 
 Revision ID: 0005
 Revises: 0001
@@ -18,6 +18,7 @@ def upgrade() -> None:
     with op.batch_alter_table('studies', schema=None) as batch_op:
         batch_op.add_column(sa.Column('complete_at', sa.Float(), nullable=True))
         batch_op.add_column(sa.Column('complete_rule', sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column('expected_instances', sa.Integer(), nullable=True))
 
     op.create_table('mpps',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -41,5 +42,6 @@ def downgrade() -> None:
 
     op.drop_table('mpps')
     with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.drop_column('expected_instances')
         batch_op.drop_column('complete_rule')
         batch_op.drop_column('complete_at')

@@ -1,4 +1,4 @@
-"""MPPS SCP: a modality's N-CREATE / N-SET COMPLETED makes its study complete exactly.
+"""Exact completeness at the receiver: MPPS (N-CREATE / N-SET COMPLETED) and stated counts.
 
 ``airnode receive`` runs as its own process; a pynetdicom SCU plays the modality's
 MPPS side and dcmtk's storescu its storage side.  The scheduler runs in the test, so
@@ -183,3 +183,26 @@ def test_bad_requests_get_their_mpps_status(tmp_path: Path) -> None:
             assert [m.sop_instance_uid for m in s.scalars(select(Mpps))] == [pps]
     finally:
         db.dispose()
+
+
+def test_stated_instance_count_completes_the_study_at_the_last_one(tmp_path: Path) -> None:
+    """Instances that carry Number of Study Related Instances (0020,1208): the study is
+    due when that many have arrived (rule ``count``), not after the quiet period."""
+    series = ct_series(n_slices=3, rows=32, cols=32, seed=6)
+    for ds in series:
+        ds.NumberOfStudyRelatedInstances = 3
+    files = write_series(series, tmp_path / "ct")
+    study_uid = str(series[0].StudyInstanceUID)
+    with receiver(tmp_path) as (cfg, port):
+        db = Database(cfg.node.resolved_database_url)
+        try:
+            assert storescu(port, files[:2]).returncode == 0
+            assert tick(db, cfg).due == 0
+            row, _ = study_and_jobs(db, study_uid)
+            assert row.expected_instances == 3 and row.instance_count == 2
+            assert storescu(port, files[2:]).returncode == 0
+            assert tick(db, cfg).scheduled == [study_uid]
+            row, jobs = study_and_jobs(db, study_uid)
+            assert row.complete_rule == "count" and len(jobs) == 1
+        finally:
+            db.dispose()
