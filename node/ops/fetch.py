@@ -274,8 +274,9 @@ def _retrieve(
         if int(status.Status) not in _PENDING:
             final = status
     if final is None:
+        partial = _counts(uid, n, last, -1, complete=False, reason="")
         reason = "no final response (timeout or abort)"
-        return _counts(uid, n, last, -1, complete=False, reason=reason)
+        return StudyFetched(uid, n, max(partial.retrieved, 0), partial.failed, -1, False, reason)
     code = int(final.Status)
     counted = _counts(uid, n, final, code, complete=False, reason="")
     if code == 0xA801:
@@ -335,7 +336,12 @@ def fetch(cfg: NodeConfig, source: str, query: Query) -> list[StudyFetched]:
             if not studies:
                 raise FetchError(f"{_describe(src)}: no study matches the query")
             t0 = time.monotonic()
-            out = [_retrieve(cfg, db, assoc, src, uid, n) for uid, n in studies]
+            out: list[StudyFetched] = []
+            for uid, n in studies:
+                if not assoc.is_established:  # the PACS aborted during an earlier retrieve
+                    out.append(StudyFetched(uid, n, 0, 0, -1, False, "association lost"))
+                    continue
+                out.append(_retrieve(cfg, db, assoc, src, uid, n))
             log.info("retrieved %d stud(ies) in %.1f s", len(out), time.monotonic() - t0)
             return out
     finally:
