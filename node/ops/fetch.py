@@ -165,6 +165,7 @@ class _GetStore:
     def __init__(self, spool: Spool, src: SourceConfig) -> None:
         self.spool = spool
         self.src = src
+        self.refused: list[str] = []  # why we refused sub-operations (for the report)
 
     def __call__(self, event: evt.Event) -> Dataset:
         try:
@@ -181,14 +182,15 @@ class _GetStore:
             log.exception("C-GET store failed: %s", type(exc).__name__)
             outcome = StoreOutcome(Status.OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
         if outcome.status != Status.SUCCESS:
-            log.warning(
-                "C-GET sub-operation refused with 0x%04X: %s", outcome.status, outcome.comment
-            )
+            self.refused.append(f"0x{int(outcome.status):04X} {outcome.comment}".strip())
+            log.info("C-GET sub-operation refused: %s", self.refused[-1])
         return _store_status(outcome)
 
 
 @contextmanager
-def _associate(cfg: NodeConfig, src: SourceConfig, spool: Spool | None) -> Iterator[Association]:
+def _associate(
+    cfg: NodeConfig, src: SourceConfig, store: _GetStore | None
+) -> Iterator[Association]:
     ae = AE(ae_title=src.calling_ae_title or cfg.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = src.timeout_s
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
@@ -202,8 +204,8 @@ def _associate(cfg: NodeConfig, src: SourceConfig, spool: Spool | None) -> Itera
             sop_class = str(cx.abstract_syntax)
             ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
             roles.append(build_role(sop_class, scp_role=True))
-        assert spool is not None
-        handlers.append((evt.EVT_C_STORE, _GetStore(spool, src)))
+        assert store is not None
+        handlers.append((evt.EVT_C_STORE, store))
     tls_args = None
     if src.tls is not None:
         tls_args = (client_tls_context(src.tls.cert, src.tls.key, src.tls.ca), src.host)
@@ -255,7 +257,13 @@ def _find(assoc: Association, src: SourceConfig, query: Query) -> list[tuple[str
 
 
 def _retrieve(
-    cfg: NodeConfig, db: Database, assoc: Association, src: SourceConfig, uid: str, n: int | None
+    cfg: NodeConfig,
+    db: Database,
+    assoc: Association,
+    src: SourceConfig,
+    store: _GetStore | None,
+    uid: str,
+    n: int | None,
 ) -> StudyFetched:
     ident = Dataset()
     ident.QueryRetrieveLevel = "STUDY"
@@ -284,6 +292,8 @@ def _retrieve(
         reason = f"{src.name} does not know move destination {dest}: add it with our host and port"
     elif code != 0x0000 or counted.failed:
         reason = f"retrieve ended with {_status_text(code)}"
+        if store is not None and store.refused:
+            reason += f"; refused here: {store.refused[0]}"
     else:
         with db.read() as s:
             here = s.scalar(
@@ -322,7 +332,7 @@ def fetch(cfg: NodeConfig, source: str, query: Query) -> list[StudyFetched]:
     src = _source(cfg, source)
     db = init_db(cfg.node.resolved_database_url)
     try:
-        spool = None
+        store = None
         if src.retrieve == "get":
             sec = cfg.security
             spool = Spool(
@@ -331,7 +341,8 @@ def fetch(cfg: NodeConfig, source: str, query: Query) -> list[StudyFetched]:
                 min_free_bytes=sec.min_free_bytes,
                 max_instance_bytes=sec.max_instance_bytes,
             )
-        with _associate(cfg, src, spool) as assoc:
+            store = _GetStore(spool, src)
+        with _associate(cfg, src, store) as assoc:
             studies = _find(assoc, src, query)
             if not studies:
                 raise FetchError(f"{_describe(src)}: no study matches the query")
@@ -341,7 +352,9 @@ def fetch(cfg: NodeConfig, source: str, query: Query) -> list[StudyFetched]:
                 if not assoc.is_established:  # the PACS aborted during an earlier retrieve
                     out.append(StudyFetched(uid, n, 0, 0, -1, False, "association lost"))
                     continue
-                out.append(_retrieve(cfg, db, assoc, src, uid, n))
+                if store is not None:
+                    store.refused.clear()
+                out.append(_retrieve(cfg, db, assoc, src, store, uid, n))
             log.info("retrieved %d stud(ies) in %.1f s", len(out), time.monotonic() - t0)
             return out
     finally:

@@ -250,6 +250,8 @@ def test_a_failed_sub_operation_leaves_the_study_to_the_time_rules(
     assert code == 2 and out.err.strip() == "airnode: 1 of 1 stud(ies) not retrieved completely"
     line = out.out.strip()
     assert line.startswith(f"study {study_uid}: found 2, retrieved 1, failed 1 (not complete: ")
+    assert "; refused here: 0xC001 instance of " in line
+    assert line.endswith(" bytes exceeds max_instance_bytes 20000)")
     db = Database(f"sqlite:///{tmp_path / 'data' / 'airnode.sqlite'}")
     try:
         with db.read() as s:
