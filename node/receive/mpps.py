@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.logs import uid_tag
 from node.receive.headers import check_uid
-from node.store.db import Database, Mpps, now
+from node.store.db import AuditEvent, Database, Mpps, now
 
 __all__ = ["MppsScp", "mpps_context"]
 
@@ -78,6 +78,11 @@ def _study_uid(ds: Dataset) -> str | None:
     return None
 
 
+def _audit(name: str, ae: str, peer: str, uid: str, status: str, t: float) -> AuditEvent:
+    """Who reported which step (UIDs only, no PHI), as for received instances."""
+    return AuditEvent(at=t, event=name, ae_title=ae, peer=peer, sop_instance_uid=uid, detail=status)
+
+
 class MppsScp:
     """The N-CREATE and N-SET handlers of one receiver process."""
 
@@ -106,6 +111,7 @@ class MppsScp:
             if study is not None and check_uid(study):
                 return INVALID_VALUE, None
             calling = str(event.assoc.requestor.ae_title).strip()[:16]
+            peer = str(event.assoc.requestor.address)[:128]
             t = now()
             with self.db.session() as s:
                 if s.scalar(select(Mpps.id).where(Mpps.sop_instance_uid == uid)) is not None:
@@ -121,6 +127,7 @@ class MppsScp:
                         updated_at=t,
                     )
                 )
+                s.add(_audit("mpps-created", calling, peer, uid, status, t))
         except SQLAlchemyError as exc:
             log.error("MPPS N-CREATE not recorded: %s", type(exc).__name__)
             return PROCESSING_FAILURE, None
@@ -142,6 +149,8 @@ class MppsScp:
             if status and status not in _STATUSES:
                 return INVALID_VALUE, None
             listed = referenced_instances(mods)
+            calling = str(event.assoc.requestor.ae_title).strip()[:16]
+            peer = str(event.assoc.requestor.address)[:128]
             with self.db.session() as s:
                 row = s.scalar(select(Mpps).where(Mpps.sop_instance_uid == uid))
                 if row is None:
@@ -154,6 +163,7 @@ class MppsScp:
                     row.referenced = listed
                 row.updated_at = now()
                 final, n = row.status, len(row.referenced)
+                s.add(_audit("mpps-set", calling, peer, uid, final, row.updated_at))
         except SQLAlchemyError as exc:
             log.error("MPPS N-SET not recorded: %s", type(exc).__name__)
             return PROCESSING_FAILURE, None

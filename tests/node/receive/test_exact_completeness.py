@@ -26,7 +26,7 @@ from sqlalchemy import select
 from node.config import NodeConfig, load_config
 from node.ops.synthetic import ct_series, write_series
 from node.schedule.scheduler import tick
-from node.store.db import Database, Job, JobKind, Mpps, Study, StudyState
+from node.store.db import AuditEvent, Database, Job, JobKind, Mpps, Study, StudyState
 from tests.conftest import free_port
 from tests.peers import REPO, fake_packages, stop_process, storescu, wait_port, write_config
 
@@ -138,6 +138,15 @@ def test_study_completes_when_the_last_listed_instance_arrives(tmp_path: Path) -
             assert step.study_instance_uid == study_uid
             assert sorted(step.referenced) == sorted(u for _, u in sops)
             assert step.calling_ae == "CT1"
+            with db.read() as s:
+                audit = [
+                    (e.event, e.ae_title, e.detail)
+                    for e in s.scalars(select(AuditEvent).where(AuditEvent.sop_instance_uid == pps))
+                ]
+            assert audit == [
+                ("mpps-created", "CT1", "IN PROGRESS"),
+                ("mpps-set", "CT1", "COMPLETED"),
+            ]
 
             assert tick(db, cfg).due == 0  # one listed instance is still missing
             row, jobs = study_and_jobs(db, study_uid)

@@ -111,6 +111,15 @@ def test_mpps_completes_the_study_when_the_last_listed_instance_arrives(
     assert study_row(db, study).complete_rule == "stable"
 
 
+def test_discontinued_step_counts_as_finished(db: Database, cfg: NodeConfig, feed: Feed) -> None:
+    """A DISCONTINUED step (PS3.4 F.7) lists what was acquired before it stopped."""
+    study = generate_uid()
+    _, sops = feed.series(study, 2, T0)
+    add_mpps(db, study, "DISCONTINUED", sops, at=T0 + 1)
+    assert tick(db, cfg, now=T0 + 2).scheduled == [study]
+    assert study_row(db, study).complete_rule == "mpps"
+
+
 def test_mpps_in_progress_or_partial_waits_for_the_quiet_rule(
     db: Database, cfg: NodeConfig, feed: Feed
 ) -> None:
