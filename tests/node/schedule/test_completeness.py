@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from node.config import NodeConfig
 from node.schedule.scheduler import tick
-from node.store.db import CompleteRule, Database, Mpps, Study, StudyState
+from node.store.db import CompleteRule, Database, Mpps, Study, StudyState, init_db
 from node.store.studies import mark_complete
 from tests.node.schedule.test_scheduler import (
     FORCE,
@@ -21,6 +21,7 @@ from tests.node.schedule.test_scheduler import (
     make_cfg,
     study_row,
 )
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -156,3 +157,25 @@ def test_stated_instance_count_completes_the_study(
     assert tick(db, cfg, now=T0 + 5).due == 0
     assert tick(db, cfg, now=T0 + 4 + STABLE + 1).scheduled == [study]
     assert study_row(db, study).complete_rule == "stable"
+
+
+@pytest.mark.postgres
+def test_exact_rules_on_postgresql(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The same rules through PostgreSQL's SQL (JSON lists, the MPPS subquery)."""
+    cfg = make_cfg(tmp_path)
+    db = init_db(request.getfixturevalue("pg_url"))
+    try:
+        feed = Feed(db, cfg)
+        retrieved, reported, counted = generate_uid(), generate_uid(), generate_uid()
+        feed.series(retrieved, 1, T0)
+        _, sops = feed.series(reported, 2, T0)
+        feed.series(counted, 2, T0)
+        mark_complete(db, retrieved, CompleteRule.RETRIEVE, at=T0 + 1)
+        add_mpps(db, reported, "COMPLETED", sops, at=T0 + 1)
+        set_expected(db, counted, 2)
+        report = tick(db, cfg, now=T0 + 2)
+        assert sorted(report.scheduled) == sorted([retrieved, reported, counted])
+        rules = {u: study_row(db, u).complete_rule for u in (retrieved, reported, counted)}
+        assert rules == {retrieved: "retrieve", reported: "mpps", counted: "count"}
+    finally:
+        db.dispose()
