@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -93,12 +93,13 @@ class Query:
 
 
 def parse_since(text: str, today: datetime | None = None) -> datetime:
-    """``"2d"`` → the date two days ago (also ``h`` hours, ``w`` weeks)."""
+    """``"2d"`` → the time two days ago (also ``h`` hours, ``w`` weeks), local time:
+    Study Date is the date where the study was made (PS3.3 C.7.2.1)."""
     m = _SINCE_RE.match(text)
     if m is None:
         raise FetchError(f"--since {text!r}: write a number and h, d or w, e.g. 2d")
     delta = timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-    return (today or datetime.now(UTC)) - delta
+    return (today or datetime.now().astimezone()) - delta
 
 
 @dataclass(frozen=True)

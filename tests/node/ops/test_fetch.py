@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from sqlalchemy import select
 
 from node.ops.cli import main
 from node.ops.demo import demo_studies
+from node.ops.fetch import Query
 from node.ops.synthetic import ct_series, write_series
 from node.store.db import Database, Job, JobKind, Study, StudyState
 from tests.conftest import free_port
@@ -260,3 +262,17 @@ def test_a_failed_sub_operation_leaves_the_study_to_the_time_rules(
         db.dispose()
     assert row is not None and row.instance_count == 1
     assert row.complete_at is None and row.complete_rule is None
+
+
+def test_query_keys_at_study_level() -> None:
+    ident = Query(accession="A1", modality="CT", since="2d").identifier(
+        today=datetime(2026, 3, 1, 9, 0)
+    )
+    assert ident.QueryRetrieveLevel == "STUDY"
+    assert (ident.AccessionNumber, ident.ModalitiesInStudy) == ("A1", "CT")
+    assert ident.StudyDate == "20260227-"  # two days before 1 March 2026
+    assert ident.StudyInstanceUID == "" and ident.NumberOfStudyRelatedInstances == ""
+    assert (
+        Query(study_uid="1.2.3", since="36h").identifier(today=datetime(2026, 3, 1, 9, 0)).StudyDate
+        == "20260227-"
+    )
