@@ -26,6 +26,7 @@ __all__ = [
     "ResultsConfig",
     "RouteConfig",
     "SecurityConfig",
+    "SourceConfig",
     "StudyConfig",
     "TlsConfig",
     "load_config",
@@ -159,6 +160,32 @@ class DestinationConfig(_Model):
     )
 
 
+class SourceConfig(_Model):
+    """A PACS or archive the node queries and retrieves from (``airnode fetch``).
+
+    ``retrieve = "move"`` asks the PACS to C-MOVE the instances to our own AE
+    (``move_destination``, default ``[node] ae_title``: the PACS must know that AE
+    with our host and port); ``"get"`` receives them on the query's own association
+    (C-GET, PS3.4 Annex C.4.3), which needs no entry for us in the PACS but is not
+    offered by every PACS.
+    """
+
+    name: str = Field(min_length=1)
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+    tls: TlsConfig | None = None
+    retrieve: Literal["move", "get"] = "move"
+    move_destination: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("ae_title", "calling_ae_title", "move_destination")
+    @classmethod
+    def _aes(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae(value)
+
+
 #: A ``match`` condition: accepted values (text or numbers) or ``"re:PATTERN"``.
 MatchValue = list[str | int | float] | str | int | float
 
@@ -230,6 +257,7 @@ class NodeConfig(_Model):
     http: HttpConfig = Field(default_factory=HttpConfig)
     send: SendPolicyConfig = Field(default_factory=SendPolicyConfig)
     destinations: list[DestinationConfig] = Field(default_factory=list)
+    sources: list[SourceConfig] = Field(default_factory=list)
     routes: list[RouteConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -237,6 +265,9 @@ class NodeConfig(_Model):
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError("destinations: names must be unique")
+        sources = [src.name for src in self.sources]
+        if len(set(sources)) != len(sources):
+            raise ValueError("sources: names must be unique")
         for i, route in enumerate(self.routes):
             for dest in route.send_to:
                 if dest not in names:
@@ -250,6 +281,12 @@ class NodeConfig(_Model):
         for dest in self.destinations:
             if dest.name == name:
                 return dest
+        raise KeyError(name)
+
+    def source(self, name: str) -> SourceConfig:
+        for src in self.sources:
+            if src.name == name:
+                return src
         raise KeyError(name)
 
 

@@ -165,6 +165,37 @@ def echo(
 
 
 @app.command()
+def fetch(
+    source: Annotated[str, typer.Option("--source", help="A [[sources]] name.")],
+    config: ConfigOpt = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    accession: Annotated[str | None, typer.Option("--accession", help="Accession Number.")] = None,
+    patient_id: Annotated[str | None, typer.Option("--patient-id", help="Patient ID.")] = None,
+    modality: Annotated[
+        str | None, typer.Option("--modality", help="Only studies holding this modality.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only studies of the last 12h, 2d, 1w...")
+    ] = None,
+) -> None:
+    """Find studies on a PACS (C-FIND) and pull them into the node (C-MOVE or C-GET).
+
+    A study retrieved in full is complete at once: its jobs start without the
+    stable_after_s wait.  With retrieve = "move" the receiver must be running.
+    """
+    from node.ops.fetch import Query
+    from node.ops.fetch import fetch as do_fetch
+
+    query = Query(study, accession, patient_id, modality, since)
+    results = do_fetch(_config(config), source, query)
+    for r in results:
+        typer.echo(r.line())
+    missing = sum(1 for r in results if not r.complete)
+    if missing:
+        raise UserError(f"{missing} of {len(results)} stud(ies) not retrieved completely")
+
+
+@app.command()
 def demo(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Node host (default: [node] host).")] = None,

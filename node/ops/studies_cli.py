@@ -51,7 +51,11 @@ def list_studies(
     limit: Annotated[int, typer.Option(help="Most recent N.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
 ) -> None:
-    """List studies, most recently received first (UIDs only, no patient data)."""
+    """List studies, most recently received first (UIDs only, no patient data).
+
+    ``complete by`` is the rule that found the study complete: retrieve, mpps, count
+    (exact signals), stable or forced (time rules); empty while it is not.
+    """
     db = _db(config)
     q = select(Study).order_by(Study.last_received_at.desc()).limit(limit)
     if state is not None:
@@ -68,16 +72,18 @@ def list_studies(
                         "instances": st.instance_count,
                         "last_received_at": st.last_received_at,
                         "scheduled_at": st.scheduled_at,
+                        "complete_rule": st.complete_rule,
                         "note": st.note,
                     }
                 )
             )
         return
-    table = Table("study", "state", "instances", "last image", "note")
+    table = Table("study", "state", "complete by", "instances", "last image", "note")
     for st in rows:
         table.add_row(
             st.study_instance_uid,
             str(st.state),
+            st.complete_rule or "",
             str(st.instance_count),
             _ts(st.last_received_at),
             (st.note or "")[:80],

@@ -146,6 +146,9 @@ class GroupCommit:
                 per_study.setdefault(r.info.study_instance_uid, []).append(r)
             for key, group in per_study.items():
                 last = max(r.at for r in group)
+                # The newest stated count wins (node.schedule: the "count" rule).
+                counts = [c for r in group if (c := r.info.study_related_instances)]
+                announced = {"expected_instances": counts[-1]} if counts else {}
                 found = s.execute(
                     select(Study.id).where(Study.study_instance_uid == key)
                 ).scalar_one_or_none()
@@ -157,6 +160,7 @@ class GroupCommit:
                             last_received_at=last,
                             state=StudyState.RECEIVING,
                             instance_count=len(group),
+                            **announced,
                         )
                     )
                 else:
@@ -169,6 +173,7 @@ class GroupCommit:
                             last_received_at=last,
                             instance_count=Study.instance_count + len(group),
                             state=StudyState.RECEIVING,
+                            **announced,
                         )
                     )
             s.execute(

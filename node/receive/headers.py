@@ -28,6 +28,8 @@ class HeaderInfo:
     study_instance_uid: str
     series_instance_uid: str
     modality: str | None
+    #: Number of Study Related Instances (0020,1208) when the sender states it.
+    study_related_instances: int | None = None
 
 
 class ParseError(ValueError):
@@ -43,6 +45,15 @@ def check_uid(value: str | None) -> str | None:
     if not _UID_RE.match(value):
         return "UID has characters other than digits and dots, or a leading zero"
     return None
+
+
+def _count(value: object) -> int | None:
+    """A positive IS value, else ``None`` (absent, empty, malformed, zero)."""
+    try:
+        n = int(str(value).strip()) if value not in (None, "") else 0
+    except ValueError:
+        return None
+    return n if n > 0 else None
 
 
 def parse_header(source: bytes | Path) -> HeaderInfo:
@@ -77,6 +88,7 @@ def parse_header(source: bytes | Path) -> HeaderInfo:
                 study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
                 series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
                 modality=(str(ds.get("Modality")) if ds.get("Modality") else None),
+                study_related_instances=_count(ds.get("NumberOfStudyRelatedInstances")),
             )
     except ParseError:
         raise

@@ -50,6 +50,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from node.config import NodeConfig, SecurityConfig, TlsConfig
 from node.logs import uid_tag
 from node.receive.limits import Limits, Refusal, install, remove_temp_files
+from node.receive.mpps import MppsScp, mpps_context
 from node.receive.spool import Spool, Status, StoreOutcome
 from node.runtime import start_stage
 from node.store.db import Database, open_db
@@ -449,7 +450,7 @@ class Receiver:
         # Announced in the A-ASSOCIATE-AC; larger PDUs are refused before buffering.
         ae.maximum_pdu_size = sec.max_pdu_bytes
         ae.require_called_aet = False  # checked by the guard
-        ae.supported_contexts = storage_contexts()
+        ae.supported_contexts = [*storage_contexts(), mpps_context()]
         tls = server_tls_context(sec.tls) if sec.tls else None
         server = cast(
             _Server,
@@ -460,6 +461,7 @@ class Receiver:
                 evt_handlers=[
                     (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_C_STORE, self._on_store),
+                    *MppsScp(self.spool.db).handlers(),
                 ],
                 server_class=_Server,
                 request_handler=_RequestHandler,

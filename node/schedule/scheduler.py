@@ -1,9 +1,20 @@
 """The scheduler: decides when a study is complete and queues its inference jobs.
 
 DICOM has no "end of study" message (a C-STORE association may close after any
-instance, PS3.7 Section 9.1.1), so a study counts as complete when no instance arrived for
-``study.stable_after_s``, like Orthanc's StableAge; a study that keeps trickling in
-is taken anyway ``study.force_after_s`` after its first instance.
+instance, PS3.7 Section 9.1.1).  Exact signals come first, when there is one:
+
+* ``retrieve``: a C-MOVE/C-GET the node started ended with every sub-operation done
+  (``airnode fetch`` sets ``studies.complete_at``);
+* ``mpps``: the study's Modality Performed Procedure Steps (PS3.4 Annex F.7) are all
+  COMPLETED (or DISCONTINUED) and every instance they list has arrived;
+* ``count``: exactly as many instances arrived as the newest one states in Number of
+  Study Related Instances (0020,1208).
+
+An exact signal holds only while no instance arrived after it; otherwise a study
+counts as complete when no instance arrived for ``study.stable_after_s``, like
+Orthanc's StableAge (``stable``); a study that keeps trickling in is taken anyway
+``study.force_after_s`` after its first instance (``forced``).  The rule that fired
+is kept in ``studies.complete_rule``.
 
 For a complete study the scheduler reads one header per series, evaluates the routing
 rules (:mod:`node.schedule.routing`) and creates one ``infer`` job per (study, model name,
@@ -28,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
 
 from models.package import ModelPackage, discover_packages, select_package
 from node.config import NodeConfig
@@ -36,7 +48,7 @@ from node.logs import uid_tag
 from node.runtime import start_stage
 from node.schedule.routing import RouteMatch, Router, RoutingError, read_header
 from node.store import jobs
-from node.store.db import Database, Instance, JobKind, Study, StudyState
+from node.store.db import CompleteRule, Database, Instance, JobKind, Mpps, Study, StudyState
 from node.store.payloads import InferPayload
 
 __all__ = [
@@ -97,8 +109,45 @@ class _Series:
     rows: list[Instance]
 
 
-def _due_studies(db: Database, t: float, stable_s: float, force_s: float) -> list[Study]:
-    """Studies whose current burst of instances is quiet or past the ceiling.
+_EXACT = frozenset({CompleteRule.RETRIEVE, CompleteRule.MPPS, CompleteRule.COUNT})
+_MPPS_DONE = ("COMPLETED", "DISCONTINUED")
+
+
+def _exact_rule(st: Study) -> CompleteRule | None:
+    """The exact signal recorded on the study, if no instance arrived after it."""
+    if st.complete_at is None or st.complete_at < st.last_received_at:
+        return None
+    rule = st.complete_rule
+    return CompleteRule(rule) if rule in _EXACT else CompleteRule.RETRIEVE
+
+
+def _mpps_complete(s: Session, st: Study) -> bool:
+    """Every MPPS of the study is finished and every instance they list is here.
+
+    Each N-SET that finishes a step may complete the study once: a study completed
+    after the newest step changed falls back to the time rules for later instances.
+    """
+    steps = s.scalars(select(Mpps).where(Mpps.study_instance_uid == st.study_instance_uid)).all()
+    if not steps or any(m.status not in _MPPS_DONE for m in steps):
+        return False
+    if st.complete_at is not None and st.complete_at >= max(m.updated_at for m in steps):
+        return False
+    listed = {uid for m in steps for uid in m.referenced}
+    if not listed:
+        return False
+    present = s.scalar(
+        select(func.count(Instance.id)).where(
+            Instance.study_instance_uid == st.study_instance_uid,
+            Instance.sop_instance_uid.in_(listed),
+        )
+    )
+    return present == len(listed)
+
+
+def _due_studies(
+    db: Database, t: float, stable_s: float, force_s: float
+) -> list[tuple[Study, CompleteRule]]:
+    """Studies complete by an exact signal, quiet, or past the ceiling, with the rule.
 
     Candidates are ``receiving`` studies, and ``scheduled``/``unrouted`` ones that
     received instances after they were scheduled (a late series, whether or not the
@@ -107,6 +156,7 @@ def _due_studies(db: Database, t: float, stable_s: float, force_s: float) -> lis
     instance that arrived after that, not the study's very first one.
     """
     with db.read() as s:
+        finished_mpps = select(Mpps.study_instance_uid).where(Mpps.status.in_(_MPPS_DONE))
         candidates = s.scalars(
             select(Study).where(
                 or_(
@@ -115,6 +165,9 @@ def _due_studies(db: Database, t: float, stable_s: float, force_s: float) -> lis
                         or_(
                             Study.last_received_at <= t - stable_s,
                             Study.first_received_at <= t - force_s,
+                            Study.complete_at >= Study.last_received_at,
+                            Study.study_instance_uid.in_(finished_mpps),
+                            Study.instance_count == Study.expected_instances,
                         ),
                     ),
                     and_(
@@ -125,10 +178,18 @@ def _due_studies(db: Database, t: float, stable_s: float, force_s: float) -> lis
                 )
             )
         ).all()
-        due: list[Study] = []
+        due: list[tuple[Study, CompleteRule]] = []
         for st in candidates:
+            exact = _exact_rule(st)
+            if exact is None and _mpps_complete(s, st):
+                exact = CompleteRule.MPPS
+            if exact is None and st.instance_count == st.expected_instances:
+                exact = CompleteRule.COUNT
+            if exact is not None:
+                due.append((st, exact))
+                continue
             if st.last_received_at <= t - stable_s:
-                due.append(st)
+                due.append((st, CompleteRule.STABLE))
                 continue
             burst_start = st.first_received_at
             if st.scheduled_at is not None:
@@ -139,7 +200,7 @@ def _due_studies(db: Database, t: float, stable_s: float, force_s: float) -> lis
                     )
                 ) or max(st.scheduled_at, st.first_received_at)
             if burst_start <= t - force_s:
-                due.append(st)
+                due.append((st, CompleteRule.FORCED))
     return due
 
 
@@ -181,7 +242,7 @@ def _finish_study(
     state: StudyState,
     note: Callable[[list[tuple[int, bool]]], str],
     t: float,
-    forced: bool,
+    rule: CompleteRule,
     new_jobs: Sequence[tuple[str, InferPayload]] = (),
 ) -> tuple[bool, list[tuple[int, bool]]]:
     """Record the outcome and queue the jobs in one transaction.
@@ -191,7 +252,10 @@ def _finish_study(
     A forced study is finished anyway, with ``scheduled_at`` set to the newest
     instance the pass saw, so the newer ones count as a late arrival and are taken
     on a later pass: a study that never stops trickling still gets its jobs.
+    ``rule`` is recorded in ``complete_rule``; an MPPS or count completion also
+    sets ``complete_at`` (a retrieve sets it itself).
     """
+    forced = rule == CompleteRule.FORCED
     with db.session() as s:
         current = s.get(Study, study.id, with_for_update=True)
         if current is None:
@@ -211,6 +275,9 @@ def _finish_study(
         current.state = state
         current.scheduled_at = t if unchanged else study.last_received_at
         current.note = note(queued)[:_NOTE_MAX]
+        current.complete_rule = rule.value
+        if rule in (CompleteRule.MPPS, CompleteRule.COUNT):
+            current.complete_at = t
         return True, queued
 
 
@@ -220,11 +287,11 @@ def _schedule_study(
     router: Router,
     installed: Installed | None,
     study: Study,
+    rule: CompleteRule,
     t: float,
     report: TickReport,
 ) -> Installed | None:
     uid = study.study_instance_uid
-    forced = study.last_received_at > t - cfg.study.stable_after_s
     series = _series_of(db, uid)
     # (model, pinned version) → series UIDs, SOP UIDs, destinations, route names
     wanted: dict[
@@ -241,7 +308,7 @@ def _schedule_study(
             routes[m.route] = None
     if not wanted:
         note = f"no route matched its {len(series)} series" if series else "no instances"
-        done, _ = _finish_study(db, study, StudyState.UNROUTED, lambda _: note, t, forced)
+        done, _ = _finish_study(db, study, StudyState.UNROUTED, lambda _: note, t, rule)
         if done:
             report.unrouted.append(uid)
             log.info("study %s unrouted: %s", uid_tag(uid), note)
@@ -284,9 +351,7 @@ def _schedule_study(
         labels.append(f"{model}@{version} ({len(ser_uids)} series, {len(sops)} instances)")
     if not new_jobs:
         # Every matching model is unknown: nothing can run; the note says why.
-        done, _ = _finish_study(
-            db, study, StudyState.UNROUTED, lambda _: "; ".join(notes), t, forced
-        )
+        done, _ = _finish_study(db, study, StudyState.UNROUTED, lambda _: "; ".join(notes), t, rule)
         (report.unrouted if done else report.skipped_changed).append(uid)
         return installed
 
@@ -297,7 +362,7 @@ def _schedule_study(
         ]
         return "; ".join(parts + notes)
 
-    done, queued = _finish_study(db, study, StudyState.SCHEDULED, note_for, t, forced, new_jobs)
+    done, queued = _finish_study(db, study, StudyState.SCHEDULED, note_for, t, rule, new_jobs)
     if not done:
         report.skipped_changed.append(uid)
         return installed
@@ -328,9 +393,9 @@ def tick(
     due = _due_studies(db, t, cfg.study.stable_after_s, cfg.study.force_after_s)
     report.due = len(due)
     installed: Installed | None = None  # read lazily, once per pass
-    for study in due:
+    for study, rule in due:
         try:
-            installed = _schedule_study(db, cfg, router, installed, study, t, report)
+            installed = _schedule_study(db, cfg, router, installed, study, rule, t, report)
         except Exception as exc:  # one broken study must not stop the others
             msg = f"study {uid_tag(study.study_instance_uid)}: {type(exc).__name__}: {exc}"
             log.exception("scheduling failed: %s", msg)

@@ -44,12 +44,14 @@ from node.errors import UserError
 
 __all__ = [
     "Base",
+    "CompleteRule",
     "Database",
     "DatabaseFileChanged",
     "Instance",
     "Job",
     "JobKind",
     "JobStatus",
+    "Mpps",
     "Result",
     "SchemaError",
     "Study",
@@ -119,6 +121,19 @@ class StudyState(enum.StrEnum):
     UNROUTED = "unrouted"  # routes evaluated, none matched
 
 
+class CompleteRule(enum.StrEnum):
+    """Which rule found a study complete (``studies.complete_rule``); see docs/jobs.md.
+
+    The first three are exact signals; ``stable`` and ``forced`` are the time rules.
+    """
+
+    RETRIEVE = "retrieve"  # a C-MOVE/C-GET we started ended with every sub-operation done
+    MPPS = "mpps"  # MPPS COMPLETED and every instance it lists has arrived
+    COUNT = "count"  # the instance count the headers announce has arrived
+    STABLE = "stable"  # no instance for study.stable_after_s
+    FORCED = "forced"  # study.force_after_s after the first instance of the burst
+
+
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     return Enum(
         cls,
@@ -143,6 +158,34 @@ class Study(Base):
     scheduled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: When an exact signal said the study is complete; it holds only while no
+    #: instance arrived after it (``complete_at >= last_received_at``).
+    complete_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: The :class:`CompleteRule` value that completed it (set by whoever saw it).
+    complete_rule: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: Number of Study Related Instances (0020,1208) stated by the newest instance
+    #: that has it; the study is complete when exactly that many have arrived.
+    expected_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Mpps(Base):
+    """A Modality Performed Procedure Step (PS3.4 Annex F.7) received by N-CREATE/N-SET.
+
+    ``referenced`` lists the SOP Instance UIDs of its Performed Series Sequence
+    (images and non-image objects); ``status`` is the Performed Procedure Step Status
+    (``IN PROGRESS``, ``COMPLETED``, ``DISCONTINUED``).
+    """
+
+    __tablename__ = "mpps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    referenced: Mapped[list[str]] = mapped_column(JSON, default=list)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 class Instance(Base):

@@ -254,3 +254,42 @@ def test_config_mistakes_reach_the_user_as_one_line_without_traceback(tmp_path: 
         )
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
         assert len([ln for ln in out.stderr.splitlines() if ln.strip()]) == 1, out.stderr
+
+
+def test_sources_default_to_c_move_to_our_own_ae() -> None:
+    cfg = parse_config(
+        {"sources": [{"name": "pacs", "ae_title": "ORTHANC ", "host": "10.0.0.5", "port": 4242}]}
+    )
+    src = cfg.source("pacs")
+    assert (src.ae_title, src.retrieve, src.move_destination) == ("ORTHANC", "move", None)
+    with pytest.raises(KeyError):
+        cfg.source("ris")
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ({"name": "p", "host": "h", "port": 104}, r"sources\.0\.ae_title: Field required"),
+        ({"name": "p", "ae_title": "P", "host": "h", "port": 0}, r"sources\.0\.port: "),
+        (
+            {"name": "p", "ae_title": "P", "host": "h", "port": 104, "retrieve": "push"},
+            r"sources\.0\.retrieve: Input should be 'move' or 'get'",
+        ),
+        (
+            {"name": "p", "ae_title": "P", "host": "h", "port": 104, "calling_ae_title": "A\\B"},
+            r"sources\.0\.calling_ae_title: AE title",
+        ),
+        (
+            {"name": "p", "ae_title": "P", "host": "h", "port": 104, "tls": {"cert": "c"}},
+            r"sources\.0\.tls\.key: Field required",
+        ),
+        ({"name": "p", "ae_title": "P", "host": "h", "port": 1, "aet": "X"}, r"aet: unknown key"),
+    ],
+)
+def test_source_errors_are_one_line(source: dict[str, Any], expected: str) -> None:
+    assert re.search(expected, error_of({"sources": [source]}))
+
+
+def test_duplicate_source_names() -> None:
+    src = {"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104}
+    assert "sources: names must be unique" in error_of({"sources": [src, src]})

@@ -162,6 +162,7 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
     if data.studies:
         out.append(
             '<table id="studies"><thead><tr><th>study</th><th>modality</th><th>state</th>'
+            '<th title="rule that found the study complete">complete by</th>'
             "<th>instances</th><th>last image</th><th>note</th></tr></thead><tbody>"
         )
         for st, mods in data.studies:
@@ -170,6 +171,7 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
                 f"<td><code>{_e(uid_tag(st.study_instance_uid))}</code></td>"
                 f"<td>{_e(mods)}</td>"
                 f'<td class="s-{_e(st.state.value)}">{_e(st.state.value)}</td>'
+                f'<td data-rule="{_e(st.complete_rule or "")}">{_e(st.complete_rule or "")}</td>'
                 f"<td>{st.instance_count}</td>"
                 f"<td>{_e(age(t - st.last_received_at))} ago</td>"
                 f"<td>{_e(scrub(st.note, 120))}</td></tr>"
