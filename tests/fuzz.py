@@ -31,7 +31,7 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.filereader import _read_file_meta_info
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 __all__ = ["KINDS", "SEEDS", "Mutant", "mutants", "send_raw"]
 
@@ -124,8 +124,8 @@ def _with_uid(name: str, uid: str) -> tuple[bytes, str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path)
-        ds.SOPInstanceUID = uid
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.SOPInstanceUID = UID(uid)
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
     return (

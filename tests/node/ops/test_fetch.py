@@ -208,6 +208,7 @@ def test_refused_c_find_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
             capsys, cfg, "--patient-id", "P1", "--modality", "CT", "--since", "2d"
         )
     finally:
+        assert server is not None
         server.shutdown()
     assert code == 2
     assert err.endswith("C-FIND refused: 0xC001 (unable to process)")

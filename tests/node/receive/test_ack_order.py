@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy.exc import OperationalError
 
 import node.receive.spool as spool_mod
 import node.store.durable as durable
@@ -51,7 +52,7 @@ def receiver_with_probes(
 ) -> Iterator[int]:
     by_name: dict[str, str] = {}  # final file name → SOP Instance UID
     rec.by_name = by_name  # type: ignore[attr-defined]
-    real_link = spool_mod.link_durable
+    real_link = spool_mod.link_durable  # type: ignore[attr-defined]
     real_fsync_file, real_fsync_dir = durable.fsync_file, durable.fsync_dir
     real_apply = GroupCommit._apply
 
@@ -83,7 +84,7 @@ def receiver_with_probes(
     def apply(self: GroupCommit, rows: list[Any]) -> list[bool]:
         uids = [r.info.sop_instance_uid for r in rows]
         if rec.fail.get("commit") in uids:
-            raise spool_mod.OperationalError("COMMIT", {}, Exception("injected commit failure"))
+            raise OperationalError("COMMIT", {}, Exception("injected commit failure"))
         out = real_apply(self, rows)
         for u in uids:
             rec.add("commit", u)
@@ -106,7 +107,7 @@ def receiver_with_probes(
     assert receiver._server is not None
 
     def sent(event: evt.Event) -> None:
-        msg = event.message  # type: ignore[attr-defined]
+        msg = event.message
         cs = msg.command_set
         if cs.CommandField == 0x8001:  # C-STORE-RSP
             rec.add(f"sent:{int(cs.Status):04X}", str(cs.AffectedSOPInstanceUID))

@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -206,15 +206,17 @@ def _tmp_bytes(node: Node) -> int:
     "limit", ["max_instance_bytes = 1048576", "min_free_bytes = 1125899906842624"]
 )
 def test_an_endless_data_set_is_cut_on_the_fly_and_its_temp_file_removed(
-    make_node, limit: str
-) -> None:  # type: ignore[no-untyped-def]
+    make_node: Callable[..., Node], limit: str
+) -> None:
     node: Node = make_node(extra=f"[security]\n{limit}\nmax_pdu_bytes = 65536")
     ae = AE(ae_title="STREAMER")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="AIRNODE")
     assert assoc.is_established
     cx = assoc.accepted_contexts[0].context_id
-    raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert cx is not None
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    raw = assoc.dul.socket.socket
     raw.sendall(_p_data(cx, 0x03, _command(CTImageStorage, "1.2.3.4.5.6.7")))
     chunk = _p_data(cx, 0x00, bytes(60_000))  # data set fragments, never the last one
     peak = 0
@@ -241,7 +243,9 @@ def test_a_dropped_transfer_leaves_no_temp_file(make_node) -> None:  # type: ign
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="AIRNODE")
     cx = assoc.accepted_contexts[0].context_id
-    raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert cx is not None
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    raw = assoc.dul.socket.socket
     raw.sendall(_p_data(cx, 0x03, _command(CTImageStorage, "1.2.3.4.5.6.8")))
     raw.sendall(_p_data(cx, 0x00, bytes(50_000)))
     deadline = time.monotonic() + 10

@@ -67,7 +67,7 @@ def test_cornerstone_loads_the_dx_finding_at_its_peak(demo: Any, tmp_path: Path)
     assert m["toolType"] == "Probe"
     assert m["sopInstanceUID"] == sources[0].SOPInstanceUID and m["imageIndex"] == 0
     assert m["finding"] == "Nodule" and m["findingSites"] == ["Lung structure"]
-    _, row, col = finding.peak  # type: ignore[misc]
+    _, row, col = finding.peak
     ((x, y),) = m["imagePoints"]
     assert (x, y) == pytest.approx((col + 0.5, row + 0.5), abs=1e-3)
 
@@ -161,11 +161,11 @@ def test_highdicom_finds_type_site_probability_geometry_and_images(
     assert image_uid in evidence
     if modality == "DX":
         assert region.GraphicType == "POINT"
-        assert image_uid == finding.peak[0]  # type: ignore[index]
+        assert image_uid == finding.peak[0]
         return
     assert region.GraphicType == "POLYLINE"
     k = key_slice(result.mask, 1)
-    assert image_uid == result.source_sop_instance_uids[k]  # type: ignore[index]
+    assert image_uid == result.source_sop_instance_uids[k]
     (volumetric,) = content.get_volumetric_roi_measurement_groups()
     assert volumetric.tracking_uid == planar.tracking_uid
     assert volumetric.finding_sites and volumetric.finding_type.value == "52988006"
