@@ -290,7 +290,7 @@ def test_orthanc_accepts_sr_sc_and_seg_in_the_source_study(db: Database, tmp_pat
         (study_id,) = [f["ID"] for f in found if f["Type"] == "Study"]
         listed = requests.get(f"{base}/studies/{study_id}/series", timeout=10).json()
         modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in listed)
-        assert modalities == ["CT", "OT", "SEG", "SR"]
+        assert modalities == ["CT", "OT", "PR", "SEG", "SR"]
         instances = requests.get(f"{base}/studies/{study_id}/instances", timeout=10).json()
         got = {i["MainDicomTags"]["SOPInstanceUID"] for i in instances}
         assert {str(o.SOPInstanceUID) for o in objects} <= got
@@ -420,8 +420,8 @@ def test_a_resend_after_a_crash_leaves_one_object_per_uid_in_orthanc(
         )
         assert proc.returncode == 70  # killed after the PACS stored, before "done"
         time.sleep(1.2)  # the lease expires; the reaper returns the job
+        assert jobs.reap_expired(db) == len(objects)
         sender = Sender(cfg, db)
-        sender.housekeeping()
         while sender.send_batch(cfg.destinations[0]):
             pass
         assert {j.status for j in _jobs(db, "orthanc")} == {JobStatus.DONE}

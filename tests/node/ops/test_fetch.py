@@ -32,7 +32,7 @@ from node.ops.cli import main
 from node.ops.demo import demo_studies
 from node.ops.fetch import Query
 from node.ops.synthetic import ct_series, write_series
-from node.store.db import Database, Job, JobKind, Study, StudyState
+from node.store.db import Database, Job, JobKind, Study, StudyState, init_db
 from tests.conftest import free_port
 from tests.peers import REPO, airnode_serve, fake_packages, orthanc, write_config
 
@@ -44,6 +44,8 @@ STABLE_S = 600.0
 def node_config(
     tmp: Path, node_port: int, http_port: int, pacs_port: int, retrieve: str, **src: Any
 ) -> Path:
+    """The node's config, its database created as `airnode db upgrade` would."""
+    init_db(f"sqlite:///{tmp / 'data' / 'airnode.sqlite'}").dispose()
     return write_config(
         tmp / "airnode.toml",
         {

@@ -22,6 +22,7 @@ from node.config import NodeConfig
 from node.ops.synthetic import ct_series
 from node.receive.commit import GroupCommit
 from node.receive.server import Receiver
+from node.store.db import init_db
 from node.store.durable import uid_path
 from tests.conftest import free_port
 
@@ -102,6 +103,7 @@ def receiver_with_probes(
             "security": {"min_free_bytes": 0},
         }
     )
+    init_db(cfg.node.resolved_database_url).dispose()  # as `airnode db upgrade`
     receiver = Receiver(cfg)
     _, port = receiver.start()
     assert receiver._server is not None

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from node.config import NodeConfig, load_config
 from node.ops.synthetic import ct_series, write_series
 from node.schedule.scheduler import tick
-from node.store.db import AuditEvent, Database, Job, JobKind, Mpps, Study, StudyState
+from node.store.db import AuditEvent, Database, Job, JobKind, Mpps, Study, StudyState, init_db
 from tests.conftest import free_port
 from tests.peers import REPO, fake_packages, stop_process, storescu, wait_port, write_config
 
@@ -45,6 +45,7 @@ def receiver(tmp: Path) -> Iterator[tuple[NodeConfig, int]]:
             "routes": [{"name": "ct", "model": "ct-lesion", "match": {"Modality": ["CT"]}}],
         },
     )
+    init_db(load_config(path).node.resolved_database_url).dispose()  # as `airnode db upgrade`
     exe = Path(sys.executable).with_name("airnode")
     log = open(tmp / "receive.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
