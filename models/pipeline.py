@@ -37,7 +37,6 @@ from models.preprocess import (
     SpatialMap,
     decode_frames,
     pixel_spacing,
-    preprocess_frame,
     slice_spacing,
     sort_series,
 )
@@ -106,16 +105,7 @@ class Predictor:
         spec = self.package.manifest.input
         for i, ds in enumerate(ordered):
             for frame in decode_frames(ds):
-                x, smap = preprocess_frame(
-                    frame,
-                    ds,
-                    spec.size,
-                    spec.channels,
-                    spec.window,
-                    spec.use_dataset_window,
-                    spec.mean,
-                    spec.std,
-                )
+                x, smap = spec.prepare(frame, ds)
                 yield i, x, smap
 
     def _batches(

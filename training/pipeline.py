@@ -25,6 +25,8 @@ from training.datasets import (
     patient_kfold,
     patient_split,
     radiograph_phantom_set,
+    random_ct_slice_set,
+    random_radiograph_set,
 )
 from training.evaluate import (
     OnnxModel,
@@ -60,6 +62,10 @@ def _load_source(cfg: TrainingConfig, n: int, seed: int) -> ArraySet:
         return radiograph_phantom_set(n, seed, spec, native_size=d.native_size, **extra)
     if d.source == "phantom-ct":
         return ct_phantom_slices(n, seed, spec, shape=d.ct_shape)
+    if d.source == "random-radiograph":
+        return random_radiograph_set(n, seed, spec)
+    if d.source == "random-ct":
+        return random_ct_slice_set(n, seed, spec)
     if d.source == "dicom":
         assert d.root is not None and d.labels_csv is not None
         return dicom_folder_set(d.root, d.labels_csv, spec)
@@ -77,7 +83,7 @@ def build_datasets(cfg: TrainingConfig) -> tuple[ArraySet, ArraySet]:
 
 def build_test_set(cfg: TrainingConfig, n: int | None = None, seed: int | None = None) -> ArraySet:
     """The held-out test set: phantoms from a new seed (real data: the validation split)."""
-    if cfg.data.source.startswith("phantom"):
+    if cfg.data.source.startswith(("phantom", "random")):
         s = cfg.eval.seed if seed is None else seed
         if s == cfg.data.seed:
             raise ValueError(f"eval.seed {s} equals data.seed: the test set would not be held out")
