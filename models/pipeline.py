@@ -50,7 +50,7 @@ from models.result import (
     Segment,
 )
 
-__all__ = ["MM3", "VOLUME", "BackendCache", "Predictor"]
+__all__ = ["MM3", "VOLUME", "BackendCache", "Predictor", "activate"]
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -60,6 +60,16 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 def _softmax(x: npt.NDArray[np.float32], axis: int) -> npt.NDArray[np.float32]:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return np.asarray(e / e.sum(axis=axis, keepdims=True), dtype=np.float32)
+
+
+def activate(logits: npt.NDArray[np.float32], activation: str) -> npt.NDArray[np.float32]:
+    """Logits ``(N, K, ...)`` → probabilities: the manifest's ``sigmoid`` or ``softmax``
+    (over axis 1).  Serving and evaluation both call this, so they cannot disagree."""
+    if activation == "softmax":
+        return _softmax(np.asarray(logits, dtype=np.float32), 1)
+    if activation == "sigmoid":
+        return _sigmoid(np.asarray(logits, dtype=np.float32))
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def _unit(arr: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -183,7 +193,7 @@ class Predictor:
                 cam_parts.append(out["cam"])
         logits = np.concatenate(logit_parts)
         cam = np.concatenate(cam_parts) if cam_parts else None
-        probs = _softmax(logits, 1) if m.output.activation == "softmax" else _sigmoid(logits)
+        probs = activate(logits, m.output.activation)
         uids = result.source_sop_instance_uids
         for k, label in enumerate(m.output.labels):
             frame = int(np.argmax(probs[:, k]))
@@ -223,7 +233,7 @@ class Predictor:
         owners: list[int] = []
         for idx, bmaps, out in self._batches(ordered, clock):
             owners += idx
-            probs = _softmax(out["mask_logits"], 1)  # (b, K+1, h, w)
+            probs = activate(out["mask_logits"], "softmax")  # (b, K+1, h, w)
             for j, smap in enumerate(bmaps):
                 if not (probs[j, 1:].max(axis=0) >= probs[j, 0]).any():
                     # Background wins everywhere on the model grid, so it wins everywhere

@@ -7,7 +7,7 @@ labels, optional masks at model resolution, and the patient of every sample):
   image by file path or SOP / Series / Study Instance UID (optional mask files);
 * :func:`image_folder_set` — PNG/JPEG images in one sub-folder per class;
 * :func:`radiograph_phantom_set`, :func:`ct_phantom_slices` — the synthetic phantoms
-  of :mod:`training.phantoms`, with exact ground truth.
+  of :mod:`models.phantoms`, with exact ground truth.
 
 Every pixel goes through :func:`models.preprocess.preprocess_frame` (modality LUT, VOI
 window, MONOCHROME1 inversion, resampling, normalisation) with the model's
@@ -31,13 +31,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from models.package import InputSpec
-from models.preprocess import SpatialMap, decode_frames
-from training.phantoms import (
+from models.phantoms import (
     CT_RESCALE_INTERCEPT,
     CT_RESCALE_SLOPE,
     ct_phantoms,
     radiograph_phantoms,
 )
+from models.preprocess import SpatialMap, decode_frames
 
 __all__ = [
     "ArraySet",

@@ -192,7 +192,7 @@ def random_radiograph(
     nodule: bool,
     diameter_mm: tuple[float, float] = (3.0, 30.0),
     contrast: tuple[float, float] = (0.1, 1.0),
-    max_matrix: int = 480,
+    max_matrix: int = 384,
 ) -> RandomRadiograph:
     """One chest radiograph with (``nodule=True``) or without a nodule.
 
@@ -253,16 +253,16 @@ def random_radiograph(
     img += rng.uniform(0.1, 0.4) * gap * _soft(spine & body, 2.0)
 
     bone = np.zeros((rows, cols))
-    if rng.random() < 0.9:  # ribs: posterior and anterior sets
-        for curv_sign, strength in ((1.0, rng.uniform(0.15, 0.45)), (-1.0, rng.uniform(0.0, 0.3))):
+    if rng.random() < 0.9:  # ribs over the lung fields: posterior and anterior sets
+        for curv_sign, strength in ((1.0, rng.uniform(0.05, 0.3)), (-1.0, rng.uniform(0.0, 0.15))):
             period = rng.uniform(0.05, 0.09)
             phase = rng.uniform(0, period)
             thick = rng.uniform(0.25, 0.5)
-            for _lcy, lcx, _lay, _lax in lung_boxes:
+            for lcy, lcx, lay, lax in lung_boxes:
                 curve = curv_sign * rng.uniform(1.0, 2.5) * (xx - lcx) ** 2
                 t = ((yy + curve - phase) / period) % 1.0
                 band = np.clip(1.0 - np.abs(t - 0.5) / (thick / 2), 0.0, 1.0)
-                near = np.abs(xx - lcx) < 0.22
+                near = _soft((np.abs(xx - lcx) < lax * 1.4) & (np.abs(yy - lcy) < lay * 1.15), 4.0)
                 bone += strength * gap * np.sqrt(band) * near
     if rng.random() < 0.7:  # clavicles
         for side in (-1.0, 1.0):

@@ -57,10 +57,10 @@ def test_cxr_nodule_served_from_dicom_points_at_the_nodule() -> None:
     original 512 × 512 grid, which the SR reports as the finding's location."""
     import numpy as np
 
+    from models.phantoms import radiograph_phantom
     from models.pipeline import Predictor
     from node.ops.synthetic import dx_image
     from training.metrics import roc_auc
-    from training.phantoms import radiograph_phantom
 
     predictor = Predictor(load_package(PACKAGES / "cxr-nodule"), "onnxruntime")
     labels: list[int] = []
