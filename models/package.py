@@ -82,6 +82,7 @@ __all__ = [
     "ModelPackage",
     "ModelSpec",
     "OutputSpec",
+    "ReferenceSpec",
     "find_packages",
     "load_package",
     "parse_manifest",
@@ -139,6 +140,26 @@ class ModelSpec(_Strict):
         return v
 
 
+class ReferenceSpec(_Strict):
+    """Training-set statistics of the model input, for the out-of-distribution score
+    (:mod:`models.ood`): per-feature mean and std, and the score's threshold."""
+
+    mean: list[float]
+    std: list[float]
+    threshold: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> ReferenceSpec:
+        from models.ood import FEATURES
+
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != len(FEATURES):
+                raise ValueError(f"{key} needs {len(FEATURES)} values ({', '.join(FEATURES)})")
+        if any(v <= 0 for v in self.std):
+            raise ValueError("every std must be > 0")
+        return self
+
+
 class InputSpec(_Strict):
     modalities: list[str] = Field(default_factory=list)
     channels: int = Field(default=1, ge=1, le=4)
@@ -160,6 +181,7 @@ class InputSpec(_Strict):
     min_field_of_view_mm: float | None = Field(default=None, gt=0)
     slice_thickness_mm: tuple[float, float] | None = None
     min_images: int = Field(default=1, ge=1)
+    reference: ReferenceSpec | None = None
 
     @field_validator("size")
     @classmethod
@@ -390,7 +412,11 @@ def write_manifest(path: str | Path, manifest: Manifest | dict[str, Any]) -> Pat
     lines: list[str] = []
     for section in ("model", "input"):
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in data[section].items() if k != "reference"]
+        lines.append("")
+    if "reference" in data["input"]:
+        lines.append("[input.reference]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in data["input"]["reference"].items()]
         lines.append("")
     lines += ["[output]", f"activation = {_toml_value(data['output']['activation'])}", ""]
     for label in data["output"]["labels"]:

@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 
 from models.backends import Backend, create_backend
 from models.cam import cam_peak
+from models.ood import input_features, ood_score
 from models.package import ModelPackage
 from models.preprocess import (
     SpatialMap,
@@ -106,6 +107,7 @@ class Predictor:
             backend.load(package)
             self.load_seconds = time.perf_counter() - t0
         self.backend = backend
+        self._features: list[npt.NDArray[np.float64]] = []
 
     # ------------------------------------------------------------------- stages
     def _frames(
@@ -116,6 +118,8 @@ class Predictor:
         for i, ds in enumerate(ordered):
             for frame in decode_frames(ds):
                 x, smap = spec.prepare(frame, ds)
+                if spec.reference is not None:
+                    self._features.append(input_features(x))
                 yield i, x, smap
 
     def _batches(
@@ -165,10 +169,15 @@ class Predictor:
         )
         sort_s = clock["preprocess"]
         t_start = time.perf_counter()
+        self._features = []
         if self.package.task == "segmentation":
             self._segmentation(ordered, clock, result)
         else:
             self._classification(ordered, clock, result)
+        ref = self.package.manifest.input.reference
+        if ref is not None and self._features:
+            result.ood_score = ood_score(self._features, ref.mean, ref.std)
+            result.out_of_domain = result.ood_score > ref.threshold
         total = time.perf_counter() - t_start
         busy = clock["preprocess"] - sort_s + clock["inference"]
         clock["postprocess"] = max(total - busy, 0.0)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.package import ModelPackage, load_package
+from models.package import Manifest, ModelPackage, ReferenceSpec, load_package
 from training.config import TrainingConfig
 from training.datasets import (
     ArraySet,
@@ -43,6 +43,7 @@ __all__ = [
     "cross_validate",
     "evaluate_package",
     "run_training",
+    "with_reference",
 ]
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,17 @@ def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len:
     return "\n".join(lines)
 
 
+def with_reference(manifest: Manifest, train_images: np.ndarray) -> Manifest:
+    """The manifest with the training inputs' statistics for the out-of-distribution
+    score (:mod:`models.ood`) in ``[input.reference]``."""
+    from models.ood import reference_from
+
+    ref = ReferenceSpec.model_validate(reference_from(train_images))
+    return manifest.model_copy(
+        update={"input": manifest.input.model_copy(update={"reference": ref})}
+    )
+
+
 @dataclass
 class RunSummary:
     package: ModelPackage | None
@@ -328,7 +340,11 @@ def run_training(
     if cfg.export.package_dir is not None:
         card = model_card(cfg, None, len(result.history))
         package = export_package(
-            result.net, cfg.export.package_dir, cfg.manifest, card, save_weights=True
+            result.net,
+            cfg.export.package_dir,
+            with_reference(cfg.manifest, train_set.images),
+            card,
+            save_weights=True,
         )
         if evaluate:
             out = report_dir or cfg.eval.report_dir

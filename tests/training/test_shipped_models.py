@@ -35,9 +35,13 @@ def _size_mb(name: str) -> float:
 
 @pytest.mark.parametrize("name", ["cxr-nodule", "ct-lesion"])
 def test_package_matches_its_training_config(name: str) -> None:
-    """The shipped manifest is the config's (guards and grey levels included)."""
+    """The shipped manifest is the config's (guards and grey levels included), plus the
+    training inputs' reference statistics for the out-of-distribution score."""
     cfg = tomllib.loads((REPO / f"config/train/{name}.toml").read_text())
-    assert load_package(PACKAGES / name).manifest == parse_manifest(cfg["manifest"])
+    shipped = load_package(PACKAGES / name).manifest
+    assert shipped.input.reference is not None
+    no_ref = shipped.input.model_copy(update={"reference": None})
+    assert shipped.model_copy(update={"input": no_ref}) == parse_manifest(cfg["manifest"])
     assert _size_mb(name) < 15
 
 
