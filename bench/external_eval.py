@@ -225,6 +225,53 @@ def main() -> None:
         _plots_ct(OUT, ct)
     (OUT / "report.md").write_text(_report(cxr, ct, meta), encoding="utf-8")
     print(f"wrote {OUT / 'report.md'}")
+    for name, res in (("cxr-nodule", cxr), ("ct-lesion", ct)):
+        if res is not None:
+            _card(name, res, meta)
+
+
+def _failure_modes(name: str, res: dict[str, Any]) -> list[str]:
+    """Subgroups of the external set where the model is weak (below 0.8)."""
+    key = "sensitivity" if name == "cxr-nodule" else "detection"
+    weak = [g for g in res["subgroups"] if g[key] == g[key] and g[key] < 0.8]
+    lines = [
+        f"- weak on {g['by']} {g['group']}: {key} {_f(g[key], 2)} (n={g.get('n_pos', g.get('n'))})"
+        for g in weak
+    ]
+    if name == "cxr-nodule":
+        lines.append(
+            f"- specificity at the operating point {_f(res['specificity'], 2)}: false "
+            "positives on vessel crossings, rib ends and devices are to be expected"
+        )
+    else:
+        lines.append(
+            f"- {_f(res['fp_components_per_volume'], 2)} false-positive components per volume "
+            "(vessels seen end-on, partial-volume edges)"
+        )
+    return lines
+
+
+def _card(name: str, res: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Rewrite the package's model card with the external results and failure modes."""
+    from training.config import load_train_config
+    from training.pipeline import model_card
+
+    cfg = load_train_config(ROOT / f"config/train/{name}.toml")
+    internal_file = (cfg.eval.report_dir or OUT) / "results.json"
+    internal = json.loads(internal_file.read_text()) if internal_file.is_file() else None
+    epochs = len(internal["training"]["history"]) if internal and "training" in internal else 0
+    section = _report(
+        res if name == "cxr-nodule" else None, res if name == "ct-lesion" else None, meta
+    ).split("\n")
+    body = [line for line in section if not line.startswith(("# ", "![", "## "))]
+    external = [
+        "From `docs/evaluation/external/report.md` (`python bench/external_eval.py`):",
+        *body,
+        "### Known failure modes",
+        *_failure_modes(name, res),
+    ]
+    card = model_card(cfg, internal, epochs, external)
+    (ROOT / "models" / "packages" / name / "model_card.md").write_text(card, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -190,8 +190,17 @@ def _describe_test(cfg: TrainingConfig, test: ArraySet) -> str:
     return f"validation split of {cfg.data.source} data, {len(test)} images"
 
 
-def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len: int) -> str:
-    """The package's model card, filled from the evaluation results."""
+def model_card(
+    cfg: TrainingConfig,
+    results: dict[str, Any] | None,
+    history_len: int,
+    external: list[str] | None = None,
+) -> str:
+    """The package's model card, filled from the evaluation results.
+
+    ``external``: markdown lines on the external generator (results, known failure
+    modes), written by ``bench/external_eval.py``.
+    """
     m = cfg.manifest
     synthetic = cfg.data.source.startswith("phantom")
     randomised = cfg.data.source.startswith("random")
@@ -276,6 +285,14 @@ def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len:
         "Demonstrating and testing the airnode pipeline end to end (reception, routing, "
         "inference, DICOM SR / heatmap / SEG results, sending to a PACS) without patient data.",
         "",
+        "## Must not be used for",
+        "- Any diagnosis, triage, worklist prioritisation, screening or second reading of "
+        "patient images: it has never seen one.",
+        "- Reporting a lesion as absent: a negative output on a real image means nothing.",
+        "- Measuring real lesions (volumes, sizes) or following them over time.",
+        "- Input outside the manifest's declared input (the worker's guards refuse it; "
+        "do not widen them without retraining and re-evaluating).",
+        "",
         "## Training data",
         data_text,
         f"Config: `{cfg.run.name}` (seed {cfg.run.seed}), {history_len} epochs run "
@@ -293,10 +310,12 @@ def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len:
         "- Phantoms are simple geometric models (ellipses, ellipsoids, bands, noise); real "
         "anatomy, devices, pathologies, positioning and scanner variation are absent.",
         "- One finding type only; no claim about any other condition.",
-        "- Figures come from the same generator family as the training data: they measure "
-        "the pipeline, not clinical accuracy.",
+        "- The figures above come from the same generator family as the training data: "
+        "they measure the pipeline, not clinical accuracy.",
         "",
     ]
+    if external:
+        lines += ["## External evaluation (independent generator)", "", *external, ""]
     return "\n".join(lines)
 
 
