@@ -23,10 +23,22 @@ Example ``manifest.toml``::
     modalities = ["CR", "DX"]
     channels = 1
     size = [224, 224]                # rows, columns
-    window_center = 2048.0           # optional; else the data set's own window
+    window_center = 2048.0           # optional; the "manifest" grey-level source
     window_width = 4096.0
+    grey_levels = ["header", "percentile"]  # VOI sources, first that applies wins
+    percentiles = [0.5, 99.5]        # for the "percentile" source
     mean = [0.5]                     # normalisation after windowing to [0, 1]
     std = [0.25]
+    # Input guards (models.guards): a series outside them is not analysed.
+    body_parts = ["CHEST"]           # BodyPartExamined, where the header gives one
+    photometric = ["MONOCHROME1", "MONOCHROME2"]
+    samples_per_pixel = 1
+    max_frames = 1                   # frames per instance
+    min_matrix = [256, 256]          # rows, columns
+    pixel_spacing_mm = [0.05, 1.0]   # min, max (PixelSpacing or ImagerPixelSpacing)
+    min_field_of_view_mm = 200.0     # rows x spacing and columns x spacing
+    slice_thickness_mm = [0.5, 6.0]  # volumes only
+    min_images = 1                   # images per series
 
     [output]
     activation = "sigmoid"           # classification: sigmoid | softmax
@@ -54,8 +66,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydicom.dataset import Dataset
 
+from models.preprocess import GreySource, SpatialMap, preprocess_frame
 from models.result import Code, ModelIdentity
 
 __all__ = [
@@ -67,9 +83,11 @@ __all__ = [
     "ModelPackage",
     "ModelSpec",
     "OutputSpec",
+    "ReferenceSpec",
     "discover_packages",
     "find_packages",
     "load_package",
+    "parse_manifest",
     "select_package",
     "write_manifest",
 ]
@@ -125,6 +143,26 @@ class ModelSpec(_Strict):
         return v
 
 
+class ReferenceSpec(_Strict):
+    """Training-set statistics of the model input, for the out-of-distribution score
+    (:mod:`models.ood`): per-feature mean and std, and the score's threshold."""
+
+    mean: list[float]
+    std: list[float]
+    threshold: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> ReferenceSpec:
+        from models.ood import FEATURES
+
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != len(FEATURES):
+                raise ValueError(f"{key} needs {len(FEATURES)} values ({', '.join(FEATURES)})")
+        if any(v <= 0 for v in self.std):
+            raise ValueError("every std must be > 0")
+        return self
+
+
 class InputSpec(_Strict):
     modalities: list[str] = Field(default_factory=list)
     channels: int = Field(default=1, ge=1, le=4)
@@ -132,8 +170,21 @@ class InputSpec(_Strict):
     window_center: float | None = None
     window_width: float | None = Field(default=None, ge=1)
     use_dataset_window: bool = True
+    grey_levels: list[GreySource] | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
     mean: list[float] = Field(default_factory=lambda: [0.0])
     std: list[float] = Field(default_factory=lambda: [1.0])
+    # Input guards, checked by models.guards.check_input before the model runs.
+    body_parts: list[str] = Field(default_factory=list)
+    photometric: list[str] = Field(default_factory=list)
+    samples_per_pixel: int | None = Field(default=None, ge=1, le=4)
+    max_frames: int | None = Field(default=None, ge=1)
+    min_matrix: tuple[int, int] | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    min_field_of_view_mm: float | None = Field(default=None, gt=0)
+    slice_thickness_mm: tuple[float, float] | None = None
+    min_images: int = Field(default=1, ge=1)
+    reference: ReferenceSpec | None = None
 
     @field_validator("size")
     @classmethod
@@ -157,7 +208,36 @@ class InputSpec(_Strict):
             n = len(getattr(self, key))
             if n not in (1, self.channels):
                 raise ValueError(f"{key} needs 1 or {self.channels} values, got {n}")
+        if self.grey_levels is not None:
+            if not self.grey_levels:
+                raise ValueError("grey_levels needs at least one source")
+            if "manifest" in self.grey_levels and self.window is None:
+                raise ValueError("grey_levels 'manifest' needs window_center and window_width")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        for key in ("pixel_spacing_mm", "slice_thickness_mm"):
+            rng = getattr(self, key)
+            if rng is not None and not 0.0 < rng[0] <= rng[1]:
+                raise ValueError(f"{key} must be [min, max] with 0 < min <= max")
         return self
+
+    def prepare(
+        self, frame: npt.NDArray[np.generic], ds: Dataset
+    ) -> tuple[npt.NDArray[np.float32], SpatialMap]:
+        """One decoded frame → this model's input, exactly as training and serving see it."""
+        return preprocess_frame(
+            frame,
+            ds,
+            self.size,
+            self.channels,
+            self.window,
+            self.use_dataset_window,
+            self.mean,
+            self.std,
+            sources=self.grey_levels,
+            percentiles=self.percentiles,
+        )
 
     @property
     def window(self) -> tuple[float, float] | None:
@@ -373,7 +453,11 @@ def write_manifest(path: str | Path, manifest: Manifest | dict[str, Any]) -> Pat
     lines: list[str] = []
     for section in ("model", "input"):
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in data[section].items() if k != "reference"]
+        lines.append("")
+    if "reference" in data["input"]:
+        lines.append("[input.reference]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in data["input"]["reference"].items()]
         lines.append("")
     lines += ["[output]", f"activation = {_toml_value(data['output']['activation'])}", ""]
     for label in data["output"]["labels"]:

@@ -32,12 +32,12 @@ from pydicom.dataset import Dataset
 
 from models.backends import Backend, create_backend
 from models.cam import cam_peak
+from models.ood import input_features, ood_score
 from models.package import ModelPackage
 from models.preprocess import (
     SpatialMap,
     decode_frames,
     pixel_spacing,
-    preprocess_frame,
     slice_spacing,
     sort_series,
 )
@@ -51,7 +51,7 @@ from models.result import (
     Segment,
 )
 
-__all__ = ["MM3", "VOLUME", "BackendCache", "Predictor"]
+__all__ = ["MM3", "VOLUME", "BackendCache", "Predictor", "activate"]
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -61,6 +61,16 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 def _softmax(x: npt.NDArray[np.float32], axis: int) -> npt.NDArray[np.float32]:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return np.asarray(e / e.sum(axis=axis, keepdims=True), dtype=np.float32)
+
+
+def activate(logits: npt.NDArray[np.float32], activation: str) -> npt.NDArray[np.float32]:
+    """Logits ``(N, K, ...)`` → probabilities: the manifest's ``sigmoid`` or ``softmax``
+    (over axis 1).  Serving and evaluation both call this, so they cannot disagree."""
+    if activation == "softmax":
+        return _softmax(np.asarray(logits, dtype=np.float32), 1)
+    if activation == "sigmoid":
+        return _sigmoid(np.asarray(logits, dtype=np.float32))
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def _unit(arr: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -97,6 +107,7 @@ class Predictor:
             backend.load(package)
             self.load_seconds = time.perf_counter() - t0
         self.backend = backend
+        self._features: list[npt.NDArray[np.float64]] = []
 
     # ------------------------------------------------------------------- stages
     def _frames(
@@ -106,16 +117,9 @@ class Predictor:
         spec = self.package.manifest.input
         for i, ds in enumerate(ordered):
             for frame in decode_frames(ds):
-                x, smap = preprocess_frame(
-                    frame,
-                    ds,
-                    spec.size,
-                    spec.channels,
-                    spec.window,
-                    spec.use_dataset_window,
-                    spec.mean,
-                    spec.std,
-                )
+                x, smap = spec.prepare(frame, ds)
+                if spec.reference is not None:
+                    self._features.append(input_features(x))
                 yield i, x, smap
 
     def _batches(
@@ -165,10 +169,15 @@ class Predictor:
         )
         sort_s = clock["preprocess"]
         t_start = time.perf_counter()
+        self._features = []
         if self.package.task == "segmentation":
             self._segmentation(ordered, clock, result)
         else:
             self._classification(ordered, clock, result)
+        ref = self.package.manifest.input.reference
+        if ref is not None and self._features:
+            result.ood_score = ood_score(self._features, ref.mean, ref.std)
+            result.out_of_domain = result.ood_score > ref.threshold
         total = time.perf_counter() - t_start
         busy = clock["preprocess"] - sort_s + clock["inference"]
         clock["postprocess"] = max(total - busy, 0.0)
@@ -193,7 +202,7 @@ class Predictor:
                 cam_parts.append(out["cam"])
         logits = np.concatenate(logit_parts)
         cam = np.concatenate(cam_parts) if cam_parts else None
-        probs = _softmax(logits, 1) if m.output.activation == "softmax" else _sigmoid(logits)
+        probs = activate(logits, m.output.activation)
         uids = result.source_sop_instance_uids
         for k, label in enumerate(m.output.labels):
             frame = int(np.argmax(probs[:, k]))
@@ -233,7 +242,7 @@ class Predictor:
         owners: list[int] = []
         for idx, bmaps, out in self._batches(ordered, clock):
             owners += idx
-            probs = _softmax(out["mask_logits"], 1)  # (b, K+1, h, w)
+            probs = activate(out["mask_logits"], "softmax")  # (b, K+1, h, w)
             for j, smap in enumerate(bmaps):
                 if not (probs[j, 1:].max(axis=0) >= probs[j, 0]).any():
                     # Background wins everywhere on the model grid, so it wins everywhere

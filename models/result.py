@@ -134,6 +134,11 @@ class InferenceResult:
     mask: npt.NDArray[np.uint8] | None = None
     segments: list[Segment] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    #: Out-of-distribution score of the series' model inputs against the training set
+    #: (models.ood; None when the package has no reference) and whether it exceeds the
+    #: package's threshold: results of such a series lie outside the model's domain.
+    ood_score: float | None = None
+    out_of_domain: bool = False
 
     def __post_init__(self) -> None:
         known = set(self.source_sop_instance_uids)

@@ -51,7 +51,9 @@ class RunConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["phantom-radiograph", "phantom-ct", "dicom", "images"]
+    source: Literal[
+        "phantom-radiograph", "phantom-ct", "random-radiograph", "random-ct", "dicom", "images"
+    ]
     n: int = Field(default=1000, ge=4, description="phantom images (or CT volumes)")
     seed: int = Field(default=1, ge=0)
     native_size: int = Field(default=256, ge=32, description="radiograph phantom size")
@@ -118,8 +120,12 @@ class TrainingConfig(_Strict):
 
     @model_validator(mode="after")
     def _task_matches(self) -> TrainingConfig:
-        if self.data.source == "phantom-ct" and self.manifest.model.task != "segmentation":
-            raise ValueError("data.source 'phantom-ct' trains segmentation; set model.task")
+        if self.data.source in ("phantom-ct", "random-ct") and (
+            self.manifest.model.task != "segmentation"
+        ):
+            raise ValueError(
+                f"data.source {self.data.source!r} trains segmentation; set model.task"
+            )
         return self
 
     @property

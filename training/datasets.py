@@ -7,7 +7,7 @@ labels, optional masks at model resolution, and the patient of every sample):
   image by file path or SOP / Series / Study Instance UID (optional mask files);
 * :func:`image_folder_set` — PNG/JPEG images in one sub-folder per class;
 * :func:`radiograph_phantom_set`, :func:`ct_phantom_slices` — the synthetic phantoms
-  of :mod:`training.phantoms`, with exact ground truth.
+  of :mod:`models.phantoms`, with exact ground truth.
 
 Every pixel goes through :func:`models.preprocess.preprocess_frame` (modality LUT, VOI
 window, MONOCHROME1 inversion, resampling, normalisation) with the model's
@@ -31,13 +31,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from models.package import InputSpec
-from models.preprocess import SpatialMap, decode_frames, preprocess_frame
-from training.phantoms import (
+from models.phantoms import (
     CT_RESCALE_INTERCEPT,
     CT_RESCALE_SLOPE,
     ct_phantoms,
     radiograph_phantoms,
 )
+from models.preprocess import SpatialMap, decode_frames
 
 __all__ = [
     "ArraySet",
@@ -48,6 +48,8 @@ __all__ = [
     "patient_kfold",
     "patient_split",
     "radiograph_phantom_set",
+    "random_ct_slice_set",
+    "random_radiograph_set",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -120,16 +122,7 @@ def _pseudo_dataset(
 
 
 def _prepare(frame: npt.NDArray[np.generic], ds: Dataset, spec: InputSpec) -> F32:
-    arr, _ = preprocess_frame(
-        frame,
-        ds,
-        spec.size,
-        spec.channels,
-        spec.window,
-        spec.use_dataset_window,
-        spec.mean,
-        spec.std,
-    )
+    arr, _ = spec.prepare(frame, ds)
     return arr
 
 
@@ -192,6 +185,54 @@ def ct_phantom_slices(
         patients=patients,
         masks=m,
         groups=groups,
+        class_names=["background", "lesion"],
+    )
+
+
+def random_radiograph_set(n: int, seed: int, spec: InputSpec) -> ArraySet:
+    """``n`` domain-randomised radiographs (:mod:`training.randomised`), half positive."""
+    from training.randomised import random_radiograph
+
+    rng = np.random.default_rng(seed)
+    labels_all = np.array([1] * (n // 2) + [0] * (n - n // 2), dtype=bool)
+    rng.shuffle(labels_all)
+    images, labels, masks, patients, centres = [], [], [], [], []
+    for i in range(n):
+        r = random_radiograph(rng, nodule=bool(labels_all[i]))
+        x, smap = spec.prepare(r.stored, r.header)
+        images.append(x)
+        labels.append(r.label)
+        masks.append(_mask_to_model(r.mask, spec.size))
+        patients.append(f"R{seed}-{i:05d}")
+        centres.append(None if r.centre is None else smap.forward_point(*r.centre))
+    return ArraySet(
+        images=np.stack(images).astype(np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
+        patients=patients,
+        masks=np.stack(masks),
+        centres=centres,
+        class_names=["no nodule", "nodule"],
+    )
+
+
+def random_ct_slice_set(n: int, seed: int, spec: InputSpec) -> ArraySet:
+    """``n`` domain-randomised CT slices (:mod:`training.randomised`); 0-3 lesions each."""
+    from training.randomised import random_ct_slice
+
+    rng = np.random.default_rng(seed)
+    images, masks, patients = [], [], []
+    for i in range(n):
+        s = random_ct_slice(rng, n_lesions=int(rng.choice([0, 1, 1, 2, 3])))
+        x, _ = spec.prepare(s.stored, s.header)
+        images.append(x)
+        masks.append(_mask_to_model(s.mask, spec.size))
+        patients.append(f"C{seed}-{i:05d}")
+    m = np.stack(masks)
+    return ArraySet(
+        images=np.stack(images).astype(np.float32),
+        labels=(m.reshape(len(m), -1).max(axis=1) > 0).astype(np.int64),
+        patients=patients,
+        masks=m,
         class_names=["background", "lesion"],
     )
 

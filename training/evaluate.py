@@ -1,7 +1,8 @@
 """Evaluation of a model package on a held-out set, with plots, a baseline and a report.
 
-The package is evaluated through ONNX Runtime — the graph the node actually runs —
-not through the torch weights.  Classification: AUC with a bootstrap 95% CI,
+The package is evaluated through the node's own inference path
+(:class:`models.pipeline.Predictor` on the ONNX Runtime backend, the graph the node
+actually runs), not through the torch weights.  Classification: AUC with a bootstrap 95% CI,
 sensitivity / specificity / PPV / NPV / F1 and the confusion matrix at the manifest's
 operating threshold, calibration (ECE, reliability plot), ROC and PR curves, and CAM
 localisation (share of all positives whose heatmap peak lies inside the lesion
@@ -39,7 +40,6 @@ from training.metrics import (
 )
 
 __all__ = [
-    "OnnxModel",
     "baseline_features",
     "evaluate_classification",
     "evaluate_segmentation",
@@ -48,32 +48,6 @@ __all__ = [
 ]
 
 F32 = npt.NDArray[np.float32]
-
-
-class OnnxModel:
-    """A package's ``model.onnx`` on ONNX Runtime (CPU), batch by batch."""
-
-    def __init__(self, package: ModelPackage, threads: int = 2) -> None:
-        import onnxruntime as ort
-
-        if not package.onnx_path.is_file():
-            raise FileNotFoundError(f"{package.onnx_path} does not exist; export the model first")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(package.onnx_path), opts, providers=["CPUExecutionProvider"]
-        )
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, images: F32, batch_size: int = 32) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
-        for i in range(0, len(images), batch_size):
-            outs = self.session.run(None, {self.input_name: images[i : i + batch_size]})
-            for name, o in zip(self.output_names, outs, strict=True):
-                parts[name].append(np.asarray(o))
-        return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.package import ModelPackage, load_package
+from models.package import Manifest, ModelPackage, ReferenceSpec, load_package
 from training.config import TrainingConfig
 from training.datasets import (
     ArraySet,
@@ -25,10 +25,10 @@ from training.datasets import (
     patient_kfold,
     patient_split,
     radiograph_phantom_set,
+    random_ct_slice_set,
+    random_radiograph_set,
 )
 from training.evaluate import (
-    OnnxModel,
-    _sigmoid,
     evaluate_classification,
     evaluate_segmentation,
     run_baselines,
@@ -43,6 +43,7 @@ __all__ = [
     "cross_validate",
     "evaluate_package",
     "run_training",
+    "with_reference",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ def _load_source(cfg: TrainingConfig, n: int, seed: int) -> ArraySet:
         return radiograph_phantom_set(n, seed, spec, native_size=d.native_size, **extra)
     if d.source == "phantom-ct":
         return ct_phantom_slices(n, seed, spec, shape=d.ct_shape)
+    if d.source == "random-radiograph":
+        return random_radiograph_set(n, seed, spec)
+    if d.source == "random-ct":
+        return random_ct_slice_set(n, seed, spec)
     if d.source == "dicom":
         assert d.root is not None and d.labels_csv is not None
         return dicom_folder_set(d.root, d.labels_csv, spec)
@@ -77,7 +82,7 @@ def build_datasets(cfg: TrainingConfig) -> tuple[ArraySet, ArraySet]:
 
 def build_test_set(cfg: TrainingConfig, n: int | None = None, seed: int | None = None) -> ArraySet:
     """The held-out test set: phantoms from a new seed (real data: the validation split)."""
-    if cfg.data.source.startswith("phantom"):
+    if cfg.data.source.startswith(("phantom", "random")):
         s = cfg.eval.seed if seed is None else seed
         if s == cfg.data.seed:
             raise ValueError(f"eval.seed {s} equals data.seed: the test set would not be held out")
@@ -88,7 +93,7 @@ def build_test_set(cfg: TrainingConfig, n: int | None = None, seed: int | None =
 def _voxel_volume(cfg: TrainingConfig) -> float | None:
     if cfg.data.source != "phantom-ct":
         return None
-    from training.phantoms import ct_phantom
+    from models.phantoms import ct_phantom
 
     spacing = ct_phantom(0, shape=(8, 16, 16), n_lesions=0).spacing
     _nz, ny, nx = cfg.data.ct_shape
@@ -106,10 +111,21 @@ def evaluate_package(
     baseline: bool | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``package`` (ONNX Runtime) on the held-out set; write a report if asked."""
+    """Evaluate ``package`` on the held-out set; write a report if asked.
+
+    Inference goes through the node's own :class:`~models.pipeline.Predictor` on the
+    ONNX Runtime backend (one inference path for serving and evaluation); the inputs
+    were prepared by the same :meth:`~models.package.InputSpec.prepare`.
+    """
+    from models.backends import create_backend
+    from models.pipeline import Predictor, activate
+
     test = test_set if test_set is not None else build_test_set(cfg)
-    model = OnnxModel(package, threads=cfg.train.threads)
-    outputs = model.run(test.images)
+    backend = create_backend("onnxruntime", package, intra_op_threads=cfg.train.threads)
+    try:
+        outputs = Predictor(package, backend, batch_size=32).run(test.images)
+    finally:
+        backend.close()
     results: dict[str, Any] = {
         "model": {"name": package.name, "version": package.version},
         "test_set": _describe_test(cfg, test),
@@ -119,7 +135,7 @@ def evaluate_package(
     seg_examples = None
     if package.task == "classification":
         label = package.manifest.output.labels[0]
-        probs = _sigmoid(outputs["logits"][:, 0])
+        probs = activate(outputs["logits"], package.manifest.output.activation)[:, 0]
         results["classification"] = evaluate_classification(
             probs,
             test,
@@ -157,6 +173,14 @@ def evaluate_package(
 
 
 def _describe_test(cfg: TrainingConfig, test: ArraySet) -> str:
+    if cfg.data.source.startswith("random"):
+        unit = "CT slices" if cfg.data.source == "random-ct" else "radiographs"
+        return (
+            f"{len(test)} freshly generated domain-randomised synthetic {unit} "
+            f"(seed {cfg.eval.seed}; training used seed {cfg.data.seed}); the same generator "
+            "family as training, so this is an internal test (see docs/evaluation/external "
+            "for the independent generator)"
+        )
     if cfg.data.source.startswith("phantom"):
         unit = "CT volumes" if cfg.data.source == "phantom-ct" else "radiographs"
         return (
@@ -166,20 +190,49 @@ def _describe_test(cfg: TrainingConfig, test: ArraySet) -> str:
     return f"validation split of {cfg.data.source} data, {len(test)} images"
 
 
-def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len: int) -> str:
-    """The package's model card, filled from the evaluation results."""
+def model_card(
+    cfg: TrainingConfig,
+    results: dict[str, Any] | None,
+    history_len: int,
+    external: list[str] | None = None,
+) -> str:
+    """The package's model card, filled from the evaluation results.
+
+    ``external``: markdown lines on the external generator (results, known failure
+    modes), written by ``bench/external_eval.py``.
+    """
     m = cfg.manifest
     synthetic = cfg.data.source.startswith("phantom")
+    randomised = cfg.data.source.startswith("random")
     data_text = (
         f"**Synthetic phantoms only.** {cfg.data.n} "
         + ("CT-like volumes" if cfg.data.source == "phantom-ct" else "radiograph-like images")
-        + f" generated by `training.phantoms` (seed {cfg.data.seed}), split by patient "
+        + f" generated by `models.phantoms` (seed {cfg.data.seed}), split by patient "
         f"{1 - cfg.data.val_fraction:.0%}/{cfg.data.val_fraction:.0%} into training/validation."
         if synthetic
         else f"{cfg.data.source} data from {cfg.data.root}."
     )
+    if randomised:
+        unit = "CT slices" if cfg.data.source == "random-ct" else "chest radiographs"
+        data_text = (
+            f"**Synthetic phantoms only.** {cfg.data.n} domain-randomised {unit} drawn by "
+            f"`training.randomised` (seed {cfg.data.seed}), split "
+            f"{1 - cfg.data.val_fraction:.0%}/{cfg.data.val_fraction:.0%} into "
+            "training/validation. Randomised: anatomy shape and size, intensities, noise, "
+            "blur, matrix size and aspect, pixel spacing, "
+            + (
+                "slice thickness 1-5 mm, signed/unsigned storage; lesions 0-3 per slice, "
+                "3-30 mm, lung (solid and part-solid) and solid organs (ΔHU ±10-80); "
+                "distractors: vessels, ribs, spine, bowel gas, the table, metal clips."
+                if cfg.data.source == "random-ct"
+                else "bit depth 8-16, MONOCHROME1/2, a header VOI window or none; nodules "
+                "3-30 mm at 0.1-1.0 of the lung/soft-tissue gap in half the images; "
+                "distractors: ribs, clavicles, vessels (also end-on), wires, tubes, ECG "
+                "electrodes."
+            )
+        )
     if cfg.data.source == "phantom-radiograph":
-        from training.phantoms import radiograph_phantom
+        from models.phantoms import radiograph_phantom
 
         defaults = radiograph_phantom.__kwdefaults__ or {}
         radius = cfg.data.radius_range or defaults["radius_range"]
@@ -232,6 +285,14 @@ def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len:
         "Demonstrating and testing the airnode pipeline end to end (reception, routing, "
         "inference, DICOM SR / heatmap / SEG results, sending to a PACS) without patient data.",
         "",
+        "## Must not be used for",
+        "- Any diagnosis, triage, worklist prioritisation, screening or second reading of "
+        "patient images: it has never seen one.",
+        "- Reporting a lesion as absent: a negative output on a real image means nothing.",
+        "- Measuring real lesions (volumes, sizes) or following them over time.",
+        "- Input outside the manifest's declared input (the worker's guards refuse it; "
+        "do not widen them without retraining and re-evaluating).",
+        "",
         "## Training data",
         data_text,
         f"Config: `{cfg.run.name}` (seed {cfg.run.seed}), {history_len} epochs run "
@@ -249,11 +310,24 @@ def model_card(cfg: TrainingConfig, results: dict[str, Any] | None, history_len:
         "- Phantoms are simple geometric models (ellipses, ellipsoids, bands, noise); real "
         "anatomy, devices, pathologies, positioning and scanner variation are absent.",
         "- One finding type only; no claim about any other condition.",
-        "- Figures come from the same generator family as the training data: they measure "
-        "the pipeline, not clinical accuracy.",
+        "- The figures above come from the same generator family as the training data: "
+        "they measure the pipeline, not clinical accuracy.",
         "",
     ]
+    if external:
+        lines += ["## External evaluation (independent generator)", "", *external, ""]
     return "\n".join(lines)
+
+
+def with_reference(manifest: Manifest, train_images: np.ndarray) -> Manifest:
+    """The manifest with the training inputs' statistics for the out-of-distribution
+    score (:mod:`models.ood`) in ``[input.reference]``."""
+    from models.ood import reference_from
+
+    ref = ReferenceSpec.model_validate(reference_from(train_images))
+    return manifest.model_copy(
+        update={"input": manifest.input.model_copy(update={"reference": ref})}
+    )
 
 
 @dataclass
@@ -285,7 +359,11 @@ def run_training(
     if cfg.export.package_dir is not None:
         card = model_card(cfg, None, len(result.history))
         package = export_package(
-            result.net, cfg.export.package_dir, cfg.manifest, card, save_weights=True
+            result.net,
+            cfg.export.package_dir,
+            with_reference(cfg.manifest, train_set.images),
+            card,
+            save_weights=True,
         )
         if evaluate:
             out = report_dir or cfg.eval.report_dir

@@ -1,11 +1,11 @@
 """``airnode demo``: send synthetic DX and CT studies to a running node, as a scanner would.
 
-The images are the project's own phantoms (:mod:`training.phantoms`: radiograph-like
+The images are the project's own phantoms (:mod:`models.phantoms`: radiograph-like
 images with a nodule, CT-like volumes with ellipsoid lesions) wrapped in complete DICOM
 headers by :mod:`node.ops.synthetic` (Digital X-Ray For Presentation, PS3.3 A.26; CT
 Image, PS3.3 A.3), so the node's routes (DX/CR → ``cxr-nodule``, CT → ``ct-lesion``)
-fire and the demo models have something to find.  Where ``training`` is not installed
-(a serving-only deployment) a simpler phantom with one round lesion is drawn here.
+fire and the demo models have something to find.  The phantoms are numpy only and
+ship with the serving library, so a serving-only deployment draws the same images.
 
 Every study gets UIDs derived from its seed; without ``seed`` a fresh one is drawn,
 because the node acknowledges a repeated SOP Instance UID without storing it again
@@ -105,52 +105,18 @@ def _statuses(statuses: tuple[int, ...]) -> str:
 
 def _dx_pixels(seed: int, size: int, nodule: bool) -> np.ndarray:
     """Radiograph-like 12-bit pixels (bright = dense)."""
-    try:
-        from training.phantoms import radiograph_phantom
-    except ImportError:
-        return _fallback_dx(seed, size, nodule)
+    from models.phantoms import radiograph_phantom
+
     return radiograph_phantom(seed, size=size, nodule=nodule).image
 
 
 def _ct_volume(seed: int, slices: int, size: int, lesion: bool) -> tuple[np.ndarray, float, float]:
     """A CT-like volume in HU, its slice thickness and its in-plane pixel spacing (mm)."""
+    from models.phantoms import ct_phantom
+
     spacing = (3.0, 350.0 / size, 350.0 / size)  # a 35 cm field of view
-    try:
-        from training.phantoms import ct_phantom
-    except ImportError:
-        return _fallback_ct(seed, slices, size, lesion), spacing[0], spacing[1]
     ph = ct_phantom(seed, shape=(slices, size, size), n_lesions=1 if lesion else 0, spacing=spacing)
     return ph.hu, spacing[0], spacing[1]
-
-
-def _fallback_dx(seed: int, size: int, nodule: bool) -> np.ndarray:
-    from node.ops.synthetic import dx_phantom
-
-    img = dx_phantom(size, size, seed).astype(np.float32)
-    if nodule:
-        rng = np.random.default_rng(seed)
-        y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-        cy, cx = size * rng.uniform(0.4, 0.6), size * (0.3 + 0.4 * rng.integers(0, 2))
-        r = size * 0.04
-        d2 = ((y - cy) ** 2 + (x - cx) ** 2) / r**2
-        img += np.where(d2 <= 1, 600.0 * np.sqrt(np.clip(1 - d2, 0, 1)), 0.0).astype(np.float32)
-    return np.clip(img, 0, 4095).astype(np.uint16)
-
-
-def _fallback_ct(seed: int, slices: int, size: int, lesion: bool) -> np.ndarray:
-    from node.ops.synthetic import ct_phantom
-
-    vol = ct_phantom(slices, size, size, seed).astype(np.float32)
-    if lesion:
-        z, y, x = np.ogrid[0:slices, 0:size, 0:size]
-        r = max(2.0, size * 0.05)
-        ball = (
-            ((z - slices / 2) / max(1.0, r / 3)) ** 2
-            + ((y - size * 0.45) / r) ** 2
-            + ((x - size * 0.35) / r) ** 2
-        ) <= 1
-        vol[ball] = 40.0
-    return vol
 
 
 def demo_studies(

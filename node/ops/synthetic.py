@@ -1,7 +1,7 @@
 """Deterministic synthetic DICOM studies for tests, benchmarks and ``airnode demo``.
 
-Nothing here is downloaded: the pixels come from numpy (a body ellipse with organs
-and bone for CT, a chest-like radiograph for DX), and every UID derives from a
+Nothing here is downloaded: the pixels come from :mod:`models.phantoms` (the one
+module of synthetic images), and every UID derives from a
 ``seed`` with :func:`pydicom.uid.generate_uid` (``entropy_srcs``), so the same call
 always produces the same bytes.  The data sets follow the CT Image IOD (PS3.3
 A.3) and the Digital X-Ray Image IOD, For Presentation (PS3.3 A.26) closely enough
@@ -24,7 +24,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-__all__ = ["ct_phantom", "ct_series", "dx_image", "dx_phantom", "write_series"]
+from models.phantoms import quick_ct_volume, quick_radiograph
+
+__all__ = ["ct_series", "dx_image", "write_series"]
 
 _PATIENT_NAMES = ("Doe^Jane", "Müller^Jürgen", "Ærøskøbing^Åse")
 
@@ -62,34 +64,6 @@ def _file_meta(ds: Dataset) -> None:
     ds.file_meta = meta
 
 
-def ct_phantom(n_slices: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """A CT-like volume in Hounsfield units, shape ``(n_slices, rows, cols)``, int16.
-
-    Air outside an elliptical body (soft tissue ~40 HU), two lungs (~-800 HU) in the
-    upper half of the volume, a spine (~700 HU) and a little noise.
-    """
-    if n_slices < 1 or rows < 8 or cols < 8:
-        raise ValueError(f"volume must be at least 1x8x8, got {n_slices}x{rows}x{cols}")
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    cy, cx = rows / 2, cols / 2
-    body = ((x - cx) / (0.42 * cols)) ** 2 + ((y - cy) / (0.32 * rows)) ** 2 <= 1
-    spine = ((x - cx) / (0.05 * cols)) ** 2 + ((y - cy - 0.2 * rows) / (0.05 * rows)) ** 2 <= 1
-    lung_l = ((x - cx + 0.18 * cols) / (0.13 * cols)) ** 2 + ((y - cy) / (0.2 * rows)) ** 2 <= 1
-    lung_r = ((x - cx - 0.18 * cols) / (0.13 * cols)) ** 2 + ((y - cy) / (0.2 * rows)) ** 2 <= 1
-    base = np.full((rows, cols), -1000.0, dtype=np.float32)
-    base[body] = 40.0
-    base[spine] = 700.0
-    vol = np.empty((n_slices, rows, cols), dtype=np.int16)
-    for k in range(n_slices):
-        sl = base.copy()
-        if k < (2 * n_slices) // 3:
-            sl[lung_l | lung_r] = -800.0
-        sl += rng.normal(0.0, 12.0, size=sl.shape).astype(np.float32)
-        vol[k] = np.clip(sl, -1024, 3071).astype(np.int16)
-    return vol
-
-
 def ct_series(
     n_slices: int = 300,
     rows: int = 512,
@@ -113,7 +87,7 @@ def ct_series(
     Patient, study and series UIDs depend only on ``seed`` (and ``series_number``).
     """
     if volume is None:
-        volume = ct_phantom(n_slices, rows, cols, seed)
+        volume = quick_ct_volume(n_slices, rows, cols, seed)
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3-D (slices, rows, cols), got shape {volume.shape}")
     if slice_thickness <= 0:
@@ -182,25 +156,6 @@ def ct_series(
     return out
 
 
-def dx_phantom(rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """A chest-radiograph-like image, 12-bit values in a uint16 array (bright = dense)."""
-    if rows < 8 or cols < 8:
-        raise ValueError(f"image must be at least 8x8, got {rows}x{cols}")
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    cy, cx = rows / 2, cols / 2
-    img = np.full((rows, cols), 2600.0, dtype=np.float32)  # soft tissue
-    img[(((x - cx) / (0.46 * cols)) ** 2 + ((y - cy) / (0.48 * rows)) ** 2) > 1] = 300.0  # air
-    for side in (-1, 1):
-        lung = ((x - cx - side * 0.2 * cols) / (0.15 * cols)) ** 2 + (
-            (y - cy + 0.05 * rows) / (0.3 * rows)
-        ) ** 2 <= 1
-        img[lung] = 1100.0
-    img[np.abs(x - cx) < 0.03 * cols] = 3500.0  # spine / mediastinum
-    img += rng.normal(0, 30, size=img.shape).astype(np.float32)
-    return np.clip(img, 0, 4095).astype(np.uint16)
-
-
 def dx_image(
     pixels: np.ndarray | None = None,
     *,
@@ -222,7 +177,7 @@ def dx_image(
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
     if pixels is None:
-        pixels = dx_phantom(rows, cols, seed)
+        pixels = quick_radiograph(rows, cols, seed)
     if pixels.ndim != 2:
         raise ValueError(f"pixels must be 2-D, got shape {pixels.shape}")
     arr = np.clip(np.asarray(pixels), 0, 4095).astype(np.uint16)

@@ -13,7 +13,7 @@ clean-up query; :func:`node.store.jobs.enqueue` fills them from the payload.
 
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -74,6 +74,8 @@ class InferPayload(JobPayload):
     result_sop_instance_uids: list[str] | None = None
     #: Instances left out because they cannot be read (UID tag → reason), when any.
     unreadable: dict[str, str] | None = None
+    #: Series the model's input guards refused: ``{"series_instance_uid", "reasons"}``.
+    not_analysed: list[dict[str, Any]] | None = None
 
 
 class SendPayload(JobPayload):

@@ -23,7 +23,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from sqlalchemy import select, update
@@ -274,6 +274,7 @@ class Worker:
         ``postprocess``, ``encode`` (SR, SC, SEG), ``store`` (outbox + send jobs) and
         ``total``.  The metrics endpoint and ``bench/e2e.py`` read them.
         """
+        from models.guards import check_input
         from node.results import encode_all, predecessor_for
         from node.store.outbox import store_results
 
@@ -292,7 +293,21 @@ class Worker:
         timings["load"] = time.perf_counter() - t1
 
         result_uids: list[str] = []
-        for _series_uid, datasets in sorted(series.items()):
+        not_analysed: list[dict[str, Any]] = []
+        for series_uid, datasets in sorted(series.items()):
+            # The manifest's input guards: a series the model was not made for gets no
+            # output at all, and the job records why (models/guards.py).
+            reasons = check_input(predictor.package.manifest, datasets)
+            if reasons:
+                not_analysed.append({"series_instance_uid": series_uid, "reasons": reasons})
+                log.warning(
+                    "job %s: series %s not analysed by %s: %s",
+                    job.id,
+                    uid_tag(series_uid),
+                    model,
+                    "; ".join(reasons),
+                )
+                continue
             try:
                 result = self._predict(predictor, datasets, unreadable)
             except jobs.JobError:
@@ -343,6 +358,7 @@ class Worker:
             update={
                 "timings": {k: round(v, 6) for k, v in timings.items()},
                 "result_sop_instance_uids": result_uids,
+                "not_analysed": not_analysed or None,
             }
         )
 

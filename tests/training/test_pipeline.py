@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_tiny_run_writes_package_report_and_card(tmp_path: Path) -> None:
     data = tomllib.loads((REPO / "config/train/cxr-nodule.toml").read_text())
     data["run"]["output_dir"] = str(tmp_path / "runs")
-    data["data"].update(n=24, native_size=64)
+    data["data"].update(n=24)
     data["train"].update(epochs=1, batch_size=8, progress=False, threads=1)
-    data["eval"].update(n=20, n_boot=20, report_dir=str(tmp_path / "report"))
+    data["eval"].update(n=20, n_boot=20, report_dir=str(tmp_path / "report"), baseline=True)
     data["export"]["package_dir"] = str(tmp_path / "pkg")
     data["manifest"]["model"]["arch_kwargs"] = {"base_width": 4}
     data["manifest"]["input"]["size"] = [64, 64]
@@ -30,7 +30,7 @@ def test_tiny_run_writes_package_report_and_card(tmp_path: Path) -> None:
     pkg = load_package(tmp_path / "pkg")
     assert pkg.onnx_path.is_file()
     card = pkg.model_card_path.read_text()
-    assert "NOT FOR CLINICAL USE" in card and "synthetic phantoms" in card
+    assert "NOT FOR CLINICAL USE" in card and "Synthetic phantoms only" in card
     assert "27925004" in card and "AUC" in card
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert results["classification"]["n"] == 20
@@ -100,7 +100,7 @@ def test_image_folder_source_trains_and_evaluates_on_the_validation_split(tmp_pa
     import numpy as np
     from PIL import Image
 
-    from training.phantoms import radiograph_phantom
+    from models.phantoms import radiograph_phantom
 
     for label, name in ((False, "0_clear"), (True, "1_nodule")):
         (tmp_path / "img" / name).mkdir(parents=True)

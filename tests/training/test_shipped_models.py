@@ -1,18 +1,25 @@
-"""The demo packages shipped in models/packages, run through ONNX Runtime on fresh phantoms.
+"""The demo packages shipped in models/packages, on the EXTERNAL test generator.
 
-The test sets come from seeds no training or committed evaluation used, so they are
-held out.  Thresholds are the ones the demo models promise (docs/training.md).
+``tests/external/phantoms.py`` was written separately from the training generator and
+is never used for training, model selection or thresholds.  Every image goes through
+the node's own predictor (DICOM data set → ``models.pipeline.Predictor`` → result), on
+seeds that neither training nor the committed report (``bench/external_eval.py``)
+used.  The thresholds are the targets of docs/models.md; the committed report has the
+figures on larger sets.
 """
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from models.package import load_package
-from training.config import load_train_config
-from training.pipeline import build_datasets, build_test_set, evaluate_package
+from models.package import load_package, parse_manifest
+from models.pipeline import Predictor
+from tests.external.evaluate import evaluate_ct, evaluate_cxr
+from tests.external.phantoms import external_radiograph, store_dx
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = REPO / "models" / "packages"
@@ -22,66 +29,57 @@ def _have(name: str) -> bool:
     return (PACKAGES / name / "model.onnx").is_file()
 
 
+def _size_mb(name: str) -> float:
+    return sum(f.stat().st_size for f in (PACKAGES / name).rglob("*") if f.is_file()) / 1e6
+
+
+@pytest.mark.parametrize("name", ["cxr-nodule", "ct-lesion"])
+def test_package_matches_its_training_config(name: str) -> None:
+    """The shipped manifest is the config's (guards and grey levels included), plus the
+    training inputs' reference statistics for the out-of-distribution score."""
+    cfg = tomllib.loads((REPO / f"config/train/{name}.toml").read_text())
+    shipped = load_package(PACKAGES / name).manifest
+    assert shipped.input.reference is not None
+    no_ref = shipped.input.model_copy(update={"reference": None})
+    assert shipped.model_copy(update={"input": no_ref}) == parse_manifest(cfg["manifest"])
+    assert _size_mb(name) < 15
+
+
 @pytest.mark.skipif(not _have("cxr-nodule"), reason="cxr-nodule package not built")
-def test_cxr_nodule_auc_cam_and_beats_baseline() -> None:
-    cfg = load_train_config(REPO / "config/train/cxr-nodule.toml")
-    pkg = load_package(PACKAGES / "cxr-nodule")
-    assert (
-        pkg.path.stat() and sum(f.stat().st_size for f in pkg.path.rglob("*") if f.is_file()) < 15e6
-    )
-    test = build_test_set(cfg, n=160, seed=424242)
-    # the baseline is fitted on a fresh, smaller training set to keep the test fast
-    small = cfg.model_copy(update={"data": cfg.data.model_copy(update={"n": 300, "seed": 515151})})
-    base_train = build_datasets(small)[0]
-    res = evaluate_package(cfg, pkg, train_set=base_train, test_set=test)
-    cls = res["classification"]
-    assert cls["auc"] >= 0.95
-    assert cls["cam_localisation"]["peak_inside_share"] >= 0.80
-    base = res["baseline"]
-    assert cls["auc"] > max(base["random_forest"]["auc"], base["svm_rbf"]["auc"])
+def test_cxr_nodule_on_the_external_generator() -> None:
+    res = evaluate_cxr(load_package(PACKAGES / "cxr-nodule"), 60, 424200)
+    target = res["target"]
+    assert target["auc"] >= 0.95, target
+    assert target["specificity"] >= 0.90, target
+    assert target["cam_in_nodule"] >= 0.80, target
+
+
+@pytest.mark.skipif(not _have("cxr-nodule"), reason="cxr-nodule package not built")
+def test_cxr_nodule_does_not_care_how_the_radiograph_was_stored() -> None:
+    """The same radiograph at 8, 10, 12, 14, 16 bits and as MONOCHROME1: one answer."""
+    predictor = Predictor(load_package(PACKAGES / "cxr-nodule"), "onnxruntime")
+    for i in range(4):
+        img = external_radiograph(515100 + i, nodule=i % 2 == 0)
+        probs = [
+            predictor.predict([store_dx(img, bits=b, photometric=ph, seed=i)])
+            .findings[0]
+            .probability
+            for b, ph in (
+                (8, "MONOCHROME2"),
+                (10, "MONOCHROME2"),
+                (12, "MONOCHROME2"),
+                (14, "MONOCHROME2"),
+                (16, "MONOCHROME2"),
+                (12, "MONOCHROME1"),
+                (16, "MONOCHROME1"),
+            )
+        ]
+        assert float(np.ptp(probs)) <= 0.05, probs
 
 
 @pytest.mark.skipif(not _have("ct-lesion"), reason="ct-lesion package not built")
-def test_ct_lesion_dice() -> None:
-    cfg = load_train_config(REPO / "config/train/ct-lesion.toml")
-    pkg = load_package(PACKAGES / "ct-lesion")
-    assert sum(f.stat().st_size for f in pkg.path.rglob("*") if f.is_file()) < 15e6
-    test = build_test_set(cfg, n=8, seed=636363)
-    seg = evaluate_package(cfg, pkg, test_set=test)["segmentation"]
-    assert seg["dice_mean"] >= 0.80
-
-
-@pytest.mark.skipif(not _have("cxr-nodule"), reason="cxr-nodule package not built")
-def test_cxr_nodule_served_from_dicom_points_at_the_nodule() -> None:
-    """The node's own path: DICOM (MONOCHROME1 too) → Predictor → Finding.peak on the
-    original 512 × 512 grid, which the SR reports as the finding's location."""
-    import numpy as np
-
-    from models.pipeline import Predictor
-    from node.ops.synthetic import dx_image
-    from training.metrics import roc_auc
-    from training.phantoms import radiograph_phantom
-
-    predictor = Predictor(load_package(PACKAGES / "cxr-nodule"), "onnxruntime")
-    labels: list[int] = []
-    scores: list[float] = []
-    hits = positives = 0
-    for i in range(24):
-        ph = radiograph_phantom(909000 + i, size=512, nodule=i % 2 == 0)
-        ds = dx_image(
-            ph.image,
-            rows=512,
-            cols=512,
-            seed=i,
-            photometric=("MONOCHROME1", "MONOCHROME2")[i % 3 > 0],
-        )
-        finding = predictor.predict([ds]).findings[0]
-        labels.append(ph.label)
-        scores.append(finding.probability)
-        if ph.label:
-            positives += 1
-            assert finding.peak is not None
-            _, r, c = finding.peak
-            hits += bool(ph.mask[r, c])
-    assert roc_auc(np.array(labels), np.array(scores)) >= 0.95
-    assert hits / positives >= 0.80
+def test_ct_lesion_on_the_external_generator() -> None:
+    res = evaluate_ct(load_package(PACKAGES / "ct-lesion"), 6, 636300, n_slices=32)
+    assert res["dice_mean"] >= 0.80, res["dice_mean"]
+    assert res["detection_ge_8mm"] >= 0.90, res["subgroups"]
+    assert res["fp_components_per_volume"] <= 1.0, res["fp_components_per_volume"]

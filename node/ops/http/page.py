@@ -131,6 +131,16 @@ def _target(job: Job) -> str:
     return str(value) if isinstance(value, str) else ""
 
 
+def _not_analysed(job: Job) -> str:
+    """Why a done infer job produced no output for a series (the model's input guards)."""
+    payload: dict[str, Any] = job.payload if isinstance(job.payload, dict) else {}
+    items = payload.get("not_analysed")
+    if not isinstance(items, list) or not items:
+        return ""
+    reasons = [r for it in items if isinstance(it, dict) for r in it.get("reasons", [])]
+    return "not analysed: " + "; ".join(str(r) for r in reasons)
+
+
 def _summary(counts: dict[tuple[str, str], int]) -> str:
     cells = []
     for k in JobKind:
@@ -196,7 +206,7 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
                 f'<td class="s-{_e(j.status.value)}">{_e(j.status.value)}</td>'
                 f"<td>{j.attempts}/{j.max_attempts}</td>"
                 f"<td>{_e(age(t - j.updated_at))} ago</td>"
-                f'<td class="err">{_e(scrub(j.last_error))}</td></tr>'
+                f'<td class="err">{_e(scrub(j.last_error or _not_analysed(j)))}</td></tr>'
             )
         out.append("</tbody></table>")
     else:

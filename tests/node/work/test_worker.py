@@ -618,3 +618,119 @@ def test_visible_gpus_reads_cuda_visible_devices_then_the_driver(
     assert [device_for_replica(i, gpus=3) for i in range(5)] == [0, 1, 2, 0, 1]
     with pytest.raises(ValueError, match="replica"):
         device_for_replica(-1, gpus=1)
+
+
+# ------------------------------------------------------------------ input guards
+
+_GUARDS = (
+    "body_parts",
+    "photometric",
+    "samples_per_pixel",
+    "max_frames",
+    "min_matrix",
+    "pixel_spacing_mm",
+    "min_field_of_view_mm",
+    "slice_thickness_mm",
+    "min_images",
+)
+
+
+def guarded_packages(root: Path) -> Path:
+    """The fake packages with the shipped models' input guards (config/train/*.toml)."""
+    import tomllib
+
+    from models.package import load_package, write_manifest
+
+    fake_packages(root)
+    for name in ("cxr-nodule", "ct-lesion"):
+        shipped = tomllib.loads((REPO / f"config/train/{name}.toml").read_text())["manifest"]
+        data = load_package(root / name).manifest.model_dump(mode="json", exclude_none=True)
+        for key in _GUARDS:
+            if key in shipped["input"]:
+                data["input"][key] = shipped["input"][key]
+        write_manifest(root / name, data)
+    return root
+
+
+def _bundled(name: str) -> Dataset:
+    """A pydicom test file as a new study of its own (some share UIDs)."""
+    import pydicom.data
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(Path(pydicom.data.__file__).parent / "test_files" / name)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "J2K_pixelrep_mismatch.dcm",
+        "MR_small.dcm",
+        "SC_rgb_rle.dcm",
+        "JPEG2000.dcm",
+        "examples_ybr_color.dcm",
+    ],
+)
+def test_input_outside_the_model_is_not_analysed_and_the_job_says_why(
+    tmp_path: Path, name: str
+) -> None:
+    cfg = make_cfg(tmp_path, [guarded_packages(tmp_path / "pkgs")])
+    # a site that routes every series to both models: the guards must catch it
+    routes = [r.model_copy(update={"match": {}}) for r in cfg.routes]
+    cfg = cfg.model_copy(update={"routes": routes})
+    db = init_db(cfg.node.resolved_database_url)
+    receive(db, cfg, [_bundled(name)])
+    job_ids = schedule(db, cfg)
+    assert len(job_ids) == 2
+    while Worker(cfg, db).run_one():
+        pass
+    for job_id in job_ids:
+        job = job_row(db, job_id)
+        assert job.status == JobStatus.DONE, job.last_error
+        assert job.payload["result_sop_instance_uids"] == []
+        (item,) = job.payload["not_analysed"]
+        assert item["reasons"] and all(isinstance(r, str) for r in item["reasons"])
+    assert results(db) == [] and outbox_files(cfg) == [] and send_jobs(db) == []
+    # visible to the operator: the status page shows the reason of a done job
+    from node.ops.http.page import render_status_page
+
+    page = render_status_page(db)
+    assert "not analysed: " in page
+    db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("study", "kinds"),
+    [
+        (lambda: [dx_image(rows=512, cols=512, seed=5, pixel_spacing=(0.7, 0.7))], {SR: 1, SC: 1}),
+        (
+            lambda: ct_series(
+                n_slices=6,
+                rows=160,
+                cols=160,
+                seed=6,
+                pixel_spacing=(1.5, 1.5),
+                slice_thickness=3.0,
+            ),
+            {SR: 1, SEG: 1},
+        ),
+    ],
+    ids=["dx", "ct"],
+)
+def test_input_inside_the_model_is_analysed(
+    tmp_path: Path, study: object, kinds: dict[str, int]
+) -> None:
+    cfg = make_cfg(tmp_path, [guarded_packages(tmp_path / "pkgs")])
+    db = init_db(cfg.node.resolved_database_url)
+    receive(db, cfg, study())  # type: ignore[operator]
+    (job_id,) = schedule(db, cfg)
+    assert Worker(cfg, db).run_one()
+    job = job_row(db, job_id)
+    assert job.status == JobStatus.DONE, job.last_error
+    assert "not_analysed" not in job.payload
+    got = Counter(r.sop_class_uid for r in results(db))
+    assert all(got[k] >= n for k, n in kinds.items()), got
+    db.dispose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.phantoms import (
+from models.phantoms import (
     CT_RESCALE_INTERCEPT,
     DX_MAX_VALUE,
     ct_phantom,
@@ -104,3 +104,18 @@ def test_ct_rejects_bad_shape_and_seed() -> None:
         ct_phantom(0, shape=(2, 64, 64))
     with pytest.raises(ValueError, match="seed"):
         ct_phantom(-1)
+
+
+def test_the_demo_and_the_test_studies_draw_phantoms_without_training_code() -> None:
+    """One module of phantoms, in the serving library: ``airnode demo`` and
+    ``node.ops.synthetic`` import no training code (nor torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import node.ops.demo, node.ops.synthetic, models.phantoms;"
+        "from node.ops.demo import demo_studies; next(demo_studies(dx=1, ct=0, dx_size=64));"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'torch')];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

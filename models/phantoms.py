@@ -16,7 +16,11 @@ not anatomy; they carry the properties a detector has to cope with:
   noise.  Lesions are ellipsoids (soft-tissue density in the lung, hypodense in the
   liver-like organ) with a voxel-exact mask.
 
-Everything is numpy only (no torch): the serving side imports it for ``airnode demo``.
+Everything is numpy only (no torch): the serving side imports it for ``airnode demo``
+and the DICOM test studies of ``node.ops.synthetic``; training imports it for the
+phantom data sets.  It is the one module of synthetic images (the domain-randomised
+training generator is ``training.randomised``; the external test generator lives
+under ``tests/external`` and shares nothing with either).
 The same seed always gives the same images, on every platform.
 """
 
@@ -37,6 +41,8 @@ __all__ = [
     "RadiographPhantom",
     "ct_phantom",
     "ct_phantoms",
+    "quick_ct_volume",
+    "quick_radiograph",
     "radiograph_phantom",
     "radiograph_phantoms",
 ]
@@ -416,3 +422,54 @@ def ct_phantoms(n: int, seed: int, **kwargs: object) -> Iterator[CTPhantom]:
     rng = _rng(seed)
     for i in range(n):
         yield ct_phantom(rng, patient_id=f"C{seed}-{i:05d}", **kwargs)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ quick test images
+# Fast, simple pixels for DICOM plumbing tests and benchmarks (no ground truth).
+
+
+def quick_ct_volume(n_slices: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """A CT-like volume in Hounsfield units, shape ``(n_slices, rows, cols)``, int16.
+
+    Air outside an elliptical body (soft tissue ~40 HU), two lungs (~-800 HU) in the
+    upper half of the volume, a spine (~700 HU) and a little noise.
+    """
+    if n_slices < 1 or rows < 8 or cols < 8:
+        raise ValueError(f"volume must be at least 1x8x8, got {n_slices}x{rows}x{cols}")
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    cy, cx = rows / 2, cols / 2
+    body = ((x - cx) / (0.42 * cols)) ** 2 + ((y - cy) / (0.32 * rows)) ** 2 <= 1
+    spine = ((x - cx) / (0.05 * cols)) ** 2 + ((y - cy - 0.2 * rows) / (0.05 * rows)) ** 2 <= 1
+    lung_l = ((x - cx + 0.18 * cols) / (0.13 * cols)) ** 2 + ((y - cy) / (0.2 * rows)) ** 2 <= 1
+    lung_r = ((x - cx - 0.18 * cols) / (0.13 * cols)) ** 2 + ((y - cy) / (0.2 * rows)) ** 2 <= 1
+    base = np.full((rows, cols), -1000.0, dtype=np.float32)
+    base[body] = 40.0
+    base[spine] = 700.0
+    vol = np.empty((n_slices, rows, cols), dtype=np.int16)
+    for k in range(n_slices):
+        sl = base.copy()
+        if k < (2 * n_slices) // 3:
+            sl[lung_l | lung_r] = -800.0
+        sl += rng.normal(0.0, 12.0, size=sl.shape).astype(np.float32)
+        vol[k] = np.clip(sl, -1024, 3071).astype(np.int16)
+    return vol
+
+
+def quick_radiograph(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """A chest-radiograph-like image, 12-bit values in a uint16 array (bright = dense)."""
+    if rows < 8 or cols < 8:
+        raise ValueError(f"image must be at least 8x8, got {rows}x{cols}")
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    cy, cx = rows / 2, cols / 2
+    img = np.full((rows, cols), 2600.0, dtype=np.float32)  # soft tissue
+    img[(((x - cx) / (0.46 * cols)) ** 2 + ((y - cy) / (0.48 * rows)) ** 2) > 1] = 300.0  # air
+    for side in (-1, 1):
+        lung = ((x - cx - side * 0.2 * cols) / (0.15 * cols)) ** 2 + (
+            (y - cy + 0.05 * rows) / (0.3 * rows)
+        ) ** 2 <= 1
+        img[lung] = 1100.0
+    img[np.abs(x - cx) < 0.03 * cols] = 3500.0  # spine / mediastinum
+    img += rng.normal(0, 30, size=img.shape).astype(np.float32)
+    return np.clip(img, 0, 4095).astype(np.uint16)
