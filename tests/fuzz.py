@@ -117,8 +117,9 @@ def _layout(data: bytes) -> _Layout:
     return _Layout(start, tuple(elements), ts != "1.2.840.10008.1.2.2")
 
 
-def _with_uid(name: str, uid: str) -> tuple[bytes, str, str]:
-    """The bundled file ``name`` re-saved with ``uid`` as its SOP Instance UID."""
+def _with_uid(name: str, uid: str, study: str) -> tuple[bytes, str, str]:
+    """The bundled file ``name`` re-saved with ``uid`` as its SOP Instance UID, in
+    ``study`` (one series per study and source file)."""
     path = get_testdata_file(name)
     assert path is not None, name
     with warnings.catch_warnings():
@@ -126,6 +127,8 @@ def _with_uid(name: str, uid: str) -> tuple[bytes, str, str]:
         ds = pydicom.dcmread(path)
         ds.SOPInstanceUID = UID(uid)
         ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+        ds.StudyInstanceUID = UID(study)
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study, name])
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
     return (
@@ -182,7 +185,9 @@ def mutants(seed: int, count: int) -> Iterator[Mutant]:
         name = SEEDS[i % len(SEEDS)]
         kind = KINDS[(i // len(SEEDS)) % len(KINDS)]
         uid = generate_uid(entropy_srcs=[str(seed), str(i)])
-        clean, sop_class, ts = _with_uid(name, uid)
+        # Ten mutants per study: jobs of realistic size for the worker.
+        study = generate_uid(entropy_srcs=[str(seed), "study", str(i // 10)])
+        clean, sop_class, ts = _with_uid(name, uid, study)
         kind, data = _mutate(rng, clean, kind)
         yield Mutant(
             name=f"{i:05d}-{name.removesuffix('.dcm')}-{kind}",

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from models.preprocess.decode import PixelDecodeError, decode_frames
+from models.preprocess.decode import MAX_DECODED_BYTES, PixelDecodeError, decode_frames
 from models.preprocess.geometry import pixel_spacing, slice_spacing, sort_series
 from models.preprocess.greylevels import (
     GREY_SOURCES,
@@ -43,6 +43,7 @@ from models.preprocess.resample import Interpolation, SpatialMap, _resample_matr
 
 __all__ = [
     "GREY_SOURCES",
+    "MAX_DECODED_BYTES",
     "GreySource",
     "Interpolation",
     "PixelDecodeError",

@@ -10,11 +10,35 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-__all__ = ["PixelDecodeError", "decode_frames"]
+__all__ = ["MAX_DECODED_BYTES", "PixelDecodeError", "decode_frames"]
 
 
 class PixelDecodeError(ValueError):
     """The pixel data cannot be decoded (unsupported syntax, corrupt stream, no pixels)."""
+
+
+#: Largest decoded image (all frames) :func:`decode_frames` accepts: 2 GiB, above any
+#: real modality's image (a 100-frame breast tomosynthesis is about 1 GiB).
+MAX_DECODED_BYTES = 2 * 1024**3
+
+
+def _decoded_bytes(ds: Dataset) -> int:
+    """Bytes the decoded pixel data of ``ds`` takes, from its header alone."""
+
+    def number(keyword: str, default: int) -> int:
+        try:
+            return max(0, int(ds.get(keyword, default) or default))
+        except (TypeError, ValueError):
+            return default
+
+    bits = number("BitsAllocated", 16)
+    return (
+        number("Rows", 0)
+        * number("Columns", 0)
+        * number("SamplesPerPixel", 1)
+        * number("NumberOfFrames", 1)
+        * max(1, (bits + 7) // 8)
+    )
 
 
 def decode_frames(ds: Dataset) -> npt.NDArray[np.generic]:
@@ -27,6 +51,14 @@ def decode_frames(ds: Dataset) -> npt.NDArray[np.generic]:
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PixelDecodeError("data set has no pixel data")
+    expected = _decoded_bytes(ds)
+    if expected > MAX_DECODED_BYTES:
+        # Decoders allocate from the header's dimensions before reading the stream:
+        # a damaged Rows, Columns or Number of Frames would otherwise ask for many GiB.
+        raise PixelDecodeError(
+            f"image would decode to {expected} bytes (over {MAX_DECODED_BYTES}); "
+            "its dimensions are implausible"
+        )
     try:
         arr = ds.pixel_array
     except (KeyboardInterrupt, SystemExit):

@@ -371,3 +371,17 @@ def test_resample_matrices_are_cached_and_read_only() -> None:
     assert m is _resample_matrix(40, 16, "linear")
     with pytest.raises(ValueError):
         m[0, 0] = 2.0
+
+
+def test_implausible_dimensions_are_refused_before_decoding() -> None:
+    """A damaged header must not make a decoder allocate many GiB (fuzzed files did)."""
+    from pydicom.data import get_testdata_file
+
+    from models.preprocess import MAX_DECODED_BYTES, PixelDecodeError
+
+    ds = pydicom.dcmread(str(get_testdata_file("MR_small_RLE.dcm")))
+    ds.Rows = ds.Columns = 65535
+    ds.NumberOfFrames = 1000
+    with pytest.raises(PixelDecodeError, match="implausible"):
+        decode_frames(ds)
+    assert MAX_DECODED_BYTES < 65535 * 65535 * 1000 * 2
