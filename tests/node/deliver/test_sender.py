@@ -280,7 +280,7 @@ def test_orthanc_accepts_sr_sc_and_seg_in_the_source_study(db: Database, tmp_pat
         (study_id,) = [f["ID"] for f in found if f["Type"] == "Study"]
         listed = requests.get(f"{base}/studies/{study_id}/series", timeout=10).json()
         modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in listed)
-        assert modalities == ["CT", "OT", "SEG", "SR"]
+        assert modalities == ["CT", "OT", "PR", "SEG", "SR"]
         instances = requests.get(f"{base}/studies/{study_id}/instances", timeout=10).json()
         got = {i["MainDicomTags"]["SOPInstanceUID"] for i in instances}
         assert {str(o.SOPInstanceUID) for o in objects} <= got
