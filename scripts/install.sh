@@ -20,7 +20,10 @@ done
 
 if [ "$system" = 1 ]; then
   pkgs="dcmtk dicom3tools orthanc chromium postgresql"
-  [ "$extras" = "train" ] || pkgs="$pkgs nodejs npm"
+  # Node.js and npm for the viewer-library checks, unless a Node.js is already there.
+  if [ "$extras" != "train" ] && ! command -v npm >/dev/null 2>&1; then
+    pkgs="$pkgs nodejs npm"
+  fi
   missing=""
   for p in $pkgs; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

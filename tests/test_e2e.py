@@ -56,11 +56,11 @@ STABLE_S = 2.0
 #: Stable wait plus slack: the node also starts its stages and loads both models, and
 #: the suite may share 2 CPU cores with other jobs (typical: 5-11 s in all).
 RESULT_DEADLINE_S = STABLE_S + 60.0
-SR, SC, SEG, PR = (
+SR, SC, SEG, GSPS = (
     "1.2.840.10008.5.1.4.1.1.88.34",
     "1.2.840.10008.5.1.4.1.1.7",
     "1.2.840.10008.5.1.4.1.1.66.4",
-    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.11.1",
 )
 
 
@@ -194,9 +194,9 @@ def test_scanner_and_pacs_around_airnode_serve(
         # Wait until Orthanc holds, in every source study, an SR, an SC and a GSPS (and a SEG
         # for the CT) — asked of the PACS, not of the node.
         want = {
-            "scanner-dx": {SR, SC, PR},
-            "pacs-dx": {SR, SC, PR},
-            "scanner-ct": {SR, SC, SEG, PR},
+            "scanner-dx": {SR, SC, GSPS},
+            "pacs-dx": {SR, SC, GSPS},
+            "scanner-ct": {SR, SC, SEG, GSPS},
         }
         found: dict[str, dict[str, list[str]]] = {}
         deadline = t_last_image + RESULT_DEADLINE_S
@@ -241,8 +241,8 @@ def test_scanner_and_pacs_around_airnode_serve(
         for name, by_class in found.items():
             study_uid = str(studies[name][0].StudyInstanceUID)
             ours = [m for m in made if m.study_instance_uid == study_uid]
-            assert sum(len(v) for k, v in by_class.items() if k in (SR, SC, SEG, PR)) == len(ours)
-            for cls in (SR, SC, SEG, PR):
+            assert sum(len(v) for k, v in by_class.items() if k in (SR, SC, SEG, GSPS)) == len(ours)
+            for cls in (SR, SC, SEG, GSPS):
                 for inst in by_class.get(cls, []):
                     dest = tmp_path / "from-orthanc" / f"{inst}.dcm"
                     dest.parent.mkdir(exist_ok=True)

@@ -54,7 +54,8 @@ def encode_all(
 
     The SEG is built first so the SR can reference its segments. When ``timings`` is
     given, it receives seconds spent per object kind (``encode_seg_s``, ``encode_sr_s``,
-    ``encode_sc_s``) and in total (``encode_s``) for the end-to-end breakdown.
+    ``encode_sc_s``, which includes the GSPS) and in total (``encode_s``) for the
+    end-to-end breakdown.
     """
     t0 = time.perf_counter()
     src = SourceIndex(result, sources)
