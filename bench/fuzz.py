@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import platform
 import re
+import resource
 import sqlite3
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from tests.node.receive.test_hostile import _echo_s  # noqa: E402
 from tests.node.receive.test_server import _start, _stop, _write_cfg  # noqa: E402
 
 BATCH = 100
+WORKER_AS_BYTES = 8 * 1024**3
 
 
 def main() -> int:
@@ -117,6 +119,9 @@ def main() -> int:
                 "routes": [{"name": "all", "model": "fuzz-any", "match": {}}],
             }
         )
+        # The worker runs in this process: cap its address space, so that a mutant
+        # that makes it allocate without bound fails its job instead of the machine.
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_AS_BYTES, WORKER_AS_BYTES))
         db = init_db(cfg.node.resolved_database_url)
         tick(db, cfg, now=time.time() + 3600)
         worker = Worker(cfg, db)
