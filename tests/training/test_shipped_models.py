@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = REPO / "models" / "packages"
 
 
-CT_FLOOR = {"fp": 99.0, "detection": 0.0}  # set from the committed report below
-CT_MISS = "ct-lesion 2.0.0 misses the issue's targets (docs/evaluation/external/report.md)"
+CT_MISS = (
+    "ct-lesion 2.0.0 misses the issue's targets on the external generator (Dice 0.39, "
+    "detection of lesions >= 8 mm 0.42; docs/evaluation/external/report.md)"
+)
 
 
 def _have(name: str) -> bool:
@@ -67,10 +69,10 @@ def ct_external() -> dict[str, Any]:
 def test_cxr_nodule_no_worse_than_shipped_on_the_external_generator(
     cxr_external: dict[str, Any],
 ) -> None:
-    """Regression floor at the figures of docs/evaluation/external (minus sampling
-    margin for 60 images): the shipped 2.0.0 is far from the targets below."""
+    """Regression floor below what 2.0.0 reaches on these seeds (AUC 0.73): far from the
+    targets of the next test."""
     target = cxr_external["target"]
-    assert target["auc"] >= 0.55, target
+    assert target["auc"] >= 0.65, target
     assert target["specificity"] >= 0.90, target
 
 
@@ -115,9 +117,11 @@ def test_cxr_nodule_does_not_care_how_the_radiograph_was_stored() -> None:
 def test_ct_lesion_no_worse_than_shipped_on_the_external_generator(
     ct_external: dict[str, Any],
 ) -> None:
-    """Regression floor at the figures of docs/evaluation/external, minus margin."""
-    assert ct_external["fp_components_per_volume"] <= CT_FLOOR["fp"], ct_external
-    assert ct_external["detection_ge_8mm"] >= CT_FLOOR["detection"], ct_external["subgroups"]
+    """The false-positive target holds (0.33 per volume on these seeds); regression
+    floors below what 2.0.0 reaches on the others (Dice 0.31, detection >= 8 mm 0.75)."""
+    assert ct_external["fp_components_per_volume"] <= 1.0, ct_external["fp_components_per_volume"]
+    assert ct_external["detection_ge_8mm"] >= 0.5, ct_external["subgroups"]
+    assert ct_external["dice_mean"] >= 0.2, ct_external["dice_mean"]
 
 
 @pytest.mark.xfail(strict=True, reason=CT_MISS)
