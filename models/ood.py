@@ -78,7 +78,9 @@ def reference_from(
     """Training-set reference: feature mean and std, and the threshold on the score
     (the ``quantile`` of the training inputs' own scores, times 1.25 for margin)."""
     feats = np.stack([input_features(x) for x in inputs])
-    mean, std = feats.mean(axis=0), np.maximum(feats.std(axis=0), 1e-6)
+    # a floor on the spread: a feature constant over the training inputs (e.g. the 5th
+    # percentile at the window floor) must not turn any small deviation into an alarm
+    mean, std = feats.mean(axis=0), np.maximum(feats.std(axis=0), 0.01)
     scores = [ood_score(f, mean, std) for f in feats]
     return {
         "mean": [float(v) for v in mean],

@@ -9,9 +9,12 @@ heatmap secondary captures (and a SEG for the CT), downloads each result and run
 ``dciodvfy`` on it.  An MR study that matches no route must create no job and be
 shown as unrouted.  SIGTERM must stop the node with exit code 0.
 
-The trained demo packages under ``models/packages`` are used when present; otherwise
-tiny untrained nets are exported into a temporary package folder (same names, same
-tasks, made to always report), so the test exercises the same code either way.
+Tiny untrained nets are exported into a temporary package folder (same names, same
+tasks, made to always report): this test checks the plumbing (every result object
+reaches the PACS and validates), not a model's accuracy.  The shipped demo models'
+accuracy is measured on their own (``tests/training/test_shipped_models.py``,
+``docs/evaluation/external``); the 2.0.0 models miss the demo phantoms' lesions too
+often to guarantee a heatmap and a SEG here.
 """
 
 from __future__ import annotations
@@ -39,11 +42,9 @@ from tests.conftest import free_port
 from tests.dicom_checks import assert_dciodvfy_clean, dsr2html
 from tests.peers import (
     REPO,
-    SHIPPED_PACKAGES,
     airnode_serve,
     orthanc,
     received,
-    shipped_packages_present,
     storescp,
     storescu,
     tiny_onnx_packages,
@@ -66,8 +67,6 @@ SR, SC, SEG, GSPS = (
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shipped_packages_present():
-        return SHIPPED_PACKAGES
     return tiny_onnx_packages(tmp_path_factory.mktemp("packages"))
 
 

@@ -275,7 +275,12 @@ def model_card(
         f"- task: {m.model.task}; architecture: `{m.model.arch}` {m.model.arch_kwargs}",
         f"- input: modalities {', '.join(m.input.modalities) or 'any'}, {m.input.channels} "
         f"channel(s), {m.input.size[0]}x{m.input.size[1]}, "
-        + (f"VOI window C{win[0]:g}/W{win[1]:g}" if win else "data set's own window")
+        + (
+            "grey levels: first of " + ", ".join(m.input.grey_levels)
+            if m.input.grey_levels
+            else (f"VOI window C{win[0]:g}/W{win[1]:g}" if win else "data set's own window")
+        )
+        + (f" (window C{win[0]:g}/W{win[1]:g})" if win and m.input.grey_levels else "")
         + f", normalised (x - {m.input.mean}) / {m.input.std}",
         f"- outputs ({m.output.activation}):",
         labels,

@@ -256,4 +256,4 @@ def _hu_bin(lesion: dict[str, Any]) -> str:
         return "lung, solid"
     d = abs(lesion["delta_hu"])
     sign = "hypo" if lesion["delta_hu"] < 0 else "hyper"
-    return f"liver {sign}, |ΔHU| {'15-30' if d < 30 else '30-60'}"
+    return f"liver {sign}, ΔHU {'15-30' if d < 30 else '30-60'} (abs)"

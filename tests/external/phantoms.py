@@ -308,11 +308,14 @@ def external_ct(
         for _ in range(200):
             if site == "lung":
                 s = rng.choice([-1, 1])
+                z_lo, z_hi = z_mm.min() + r, min(lung_bottom - r - 10, z_mm.max() - r)
+                if z_hi < z_lo:
+                    continue  # the lung is too short here for this lesion: draw again
                 c = np.array(
                     [
                         s * lung_x + rng.uniform(-25, 25),
                         rng.uniform(-40, 30),
-                        rng.uniform(z_mm.min() + r, min(lung_bottom - r - 10, z_mm.max() - r)),
+                        rng.uniform(z_lo, z_hi),
                     ]
                 )
                 q = _lung_q(c[None, :], lung_x, lung_top, lung_bottom, margin=r + 4)

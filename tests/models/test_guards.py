@@ -13,14 +13,11 @@ import pytest
 from pydicom.dataset import Dataset
 
 from models.guards import check_input
-from models.package import InputSpec
-from training.config import load_train_config
+from models.package import InputSpec, load_package
 
 REPO = Path(__file__).resolve().parents[2]
 
-PACKAGES = {
-    n: load_train_config(REPO / f"config/train/{n}.toml") for n in ("cxr-nodule", "ct-lesion")
-}
+PACKAGES = {n: load_package(REPO / "models/packages" / n) for n in ("cxr-nodule", "ct-lesion")}
 
 
 def _bundled() -> list[tuple[str, Dataset]]:
