@@ -39,7 +39,7 @@ from models.preprocess.greylevels import (
     voi_to_unit,
     window_from_dataset,
 )
-from models.preprocess.resample import Interpolation, SpatialMap, _resample_matrix
+from models.preprocess.resample import Interpolation, SpatialMap
 
 __all__ = [
     "GREY_SOURCES",
@@ -64,7 +64,6 @@ __all__ = [
     "window_from_dataset",
 ]
 
-_ = _resample_matrix  # re-exported for the tests of the cache
 
 FloatArray = npt.NDArray[np.float32]
 

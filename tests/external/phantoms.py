@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 __all__ = ["ExternalCT", "ExternalRadiograph", "external_ct", "external_radiograph", "store_dx"]
 
@@ -189,7 +189,7 @@ def external_radiograph(
     lung_path = sum(_ellipsoid_path(x, y, lx, ly, la, lb, lc) for lx, ly, la, lb, lc in lungs)
     in_lung = lung_path > 30.0
     body_only = (line > 0) & ~in_lung & (np.abs(x) < 150)
-    gap = float(np.median(line[body_only]) - np.median(line[in_lung])) if in_lung.any() else 1.0
+    gap = float(np.median(line[body_only]) - np.median(line[in_lung])) if np.any(in_lung) else 1.0
     mask = np.zeros((size, size), dtype=bool)
     d_mm = 0.0
     con = 0.0
@@ -455,7 +455,7 @@ def _base(
     sop_class: str, modality: str, seed: int, *, study: str | None = None, series: str | None = None
 ) -> Dataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     sop = generate_uid(_ROOT)
     meta.MediaStorageSOPInstanceUID = sop
     meta.TransferSyntaxUID = ExplicitVRLittleEndian

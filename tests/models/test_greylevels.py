@@ -28,13 +28,13 @@ def _radiograph(seed: int = 0) -> np.ndarray:
     y, x = np.mgrid[0:200, 0:240] / 200.0
     scene = 0.3 + 0.4 * np.exp(-((x - 0.6) ** 2 + (y - 0.5) ** 2) / 0.1)
     scene += 0.2 * (((x - 0.4) ** 2 + (y - 0.4) ** 2) < 0.01)
-    return np.clip(scene + rng.normal(0, 0.01, scene.shape), 0, 1)
+    return np.asarray(np.clip(scene + rng.normal(0, 0.01, scene.shape), 0, 1))
 
 
 def _store(scene: np.ndarray, bits: int, photometric: str) -> np.ndarray:
     top = 2**bits - 1
     stored = np.rint(scene * top).astype(np.int64)
-    return top - stored if photometric == "MONOCHROME1" else stored
+    return np.asarray(top - stored if photometric == "MONOCHROME1" else stored)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ PACKAGES = {n: load_package(REPO / "models/packages" / n) for n in ("cxr-nodule"
 
 
 def _bundled() -> list[tuple[str, Dataset]]:
-    out = []
+    out: list[tuple[str, Dataset]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # the files shipped inside pydicom only (get_testdata_files would try downloads)

@@ -18,7 +18,7 @@ def _scene(rng: np.random.Generator, n: int = 96) -> np.ndarray:
     r = rng.uniform(10, 30)
     cy, cx = rng.uniform(30, 66, 2)
     img = 800 + 1200 * (((y - cy) ** 2 + (x - cx) ** 2) < r * r) + rng.normal(0, 60, (n, n))
-    return np.clip(img, 0, 4095).astype(np.uint16)
+    return np.asarray(np.clip(img, 0, 4095), dtype=np.uint16)
 
 
 def _prepared(spec: InputSpec, pixels: np.ndarray) -> np.ndarray:
@@ -56,6 +56,6 @@ def test_foreign_inputs_score_above_the_threshold_and_the_predictor_reports_it(
 def test_score_is_the_median_over_images_and_zero_at_the_mean() -> None:
     x = np.random.default_rng(1).normal(0, 1, (1, 32, 32)).astype(np.float32)
     f = input_features(x)
-    assert ood_score(f, f, np.ones_like(f)) == 0.0
+    assert ood_score(f, list(f), list(np.ones_like(f))) == 0.0
     far = f + 10.0
-    assert ood_score([f, f, far], f, np.ones_like(f)) == 0.0
+    assert ood_score([f, f, far], list(f), list(np.ones_like(f))) == 0.0

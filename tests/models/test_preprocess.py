@@ -365,7 +365,7 @@ def test_resample_matrices_are_cached_and_read_only() -> None:
     a = SpatialMap((40, 50), (16, 16)).forward(np.ones((40, 50), np.float32))
     b = SpatialMap((40, 50), (16, 16)).forward(np.ones((40, 50), np.float32))
     np.testing.assert_array_equal(a, b)
-    from models.preprocess import _resample_matrix
+    from models.preprocess.resample import _resample_matrix
 
     m = _resample_matrix(40, 16, "linear")
     assert m is _resample_matrix(40, 16, "linear")
