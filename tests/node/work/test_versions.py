@@ -1,6 +1,6 @@
 """Versioned results: a series that arrives in two parts reaches the PACS corrected.
 
-21 of 64 CT slices arrive, the node runs the lesion model and delivers to Orthanc; the
+21 of 64 CT slices arrive, the node runs a lesion model and delivers to Orthanc; the
 other 43 arrive later, the node runs again on all 64. Orthanc must end with both SR
 versions, the newer naming the older in Predecessor Documents Sequence, a SEG of the
 complete series whose voxel count matches the newer SR's volume; and a crash-and-rerun
@@ -27,7 +27,7 @@ from node.store.db import Database, Job, JobKind, Result, init_db
 from node.work.worker import Worker
 from tests.conftest import free_port
 from tests.node.work.test_worker import receive, schedule
-from tests.peers import SHIPPED_PACKAGES, orthanc
+from tests.peers import orthanc, tiny_onnx_packages
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -43,11 +43,14 @@ def pacs(tmp_path: Path) -> Iterator[tuple[str, int]]:
 
 
 def _cfg(tmp: Path, pacs_port: int) -> NodeConfig:
+    # Tiny ONNX nets that always find a lesion: the test is about versions, not about
+    # the demo model's accuracy (docs/evaluation/).
+    packages = tiny_onnx_packages(tmp / "packages")
     return NodeConfig.model_validate(
         {
             "node": {"data_dir": str(tmp / "data")},
             "study": {"stable_after_s": 1.0},
-            "inference": {"backend": "onnxruntime", "model_dirs": [str(SHIPPED_PACKAGES)]},
+            "inference": {"backend": "onnxruntime", "model_dirs": [str(packages)]},
             "destinations": [
                 {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}
             ],
