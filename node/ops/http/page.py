@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from node.config import priority_name
 from node.logs import mask_phi, uid_tag
 from node.store.db import Database, Instance, Job, JobKind, JobStatus, Result, Study
 
@@ -193,7 +194,8 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
     out.append("<h2>Recent jobs</h2>")
     if data.jobs:
         out.append(
-            '<table id="jobs"><thead><tr><th>#</th><th>kind</th><th>model / destination</th>'
+            '<table id="jobs"><thead><tr><th>#</th><th>kind</th><th>priority</th>'
+            "<th>model / destination</th>"
             "<th>study</th><th>status</th><th>attempts</th><th>updated</th><th>last error</th>"
             "</tr></thead><tbody>"
         )
@@ -201,7 +203,9 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
             out.append(
                 f'<tr class="job" data-kind="{_e(j.kind.value)}" '
                 f'data-status="{_e(j.status.value)}">'
-                f"<td>{j.id}</td><td>{_e(j.kind.value)}</td><td>{_e(_target(j))}</td>"
+                f"<td>{j.id}</td><td>{_e(j.kind.value)}</td>"
+                f'<td class="prio">{_e(priority_name(j.priority))}</td>'
+                f"<td>{_e(_target(j))}</td>"
                 f"<td><code>{_e(uid_tag(j.study_instance_uid))}</code></td>"
                 f'<td class="s-{_e(j.status.value)}">{_e(j.status.value)}</td>'
                 f"<td>{j.attempts}/{j.max_attempts}</td>"
