@@ -26,7 +26,10 @@ sorted SOP Instance UIDs of the series the model's rules matched), so:
   models whose input changed; the others keep their existing job.
 
 A study no rule matches becomes ``unrouted``, with no job.  The scheduler also runs
-the lease reaper (:func:`node.store.jobs.reap_expired`) every few seconds.
+the lease reaper (:func:`node.store.jobs.reap_expired`) every few seconds, and with
+``[retention] enabled`` the retention pass (:class:`node.store.retention.Retention`).
+A job's priority is the highest of its routes' ``priority`` and what the
+``[priority]`` attributes of its input series ask for (:mod:`node.schedule.priority`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from node.schedule.routing import RouteMatch, Router, RoutingError, read_header
 from node.store import jobs
 from node.store.db import CompleteRule, Database, Instance, JobKind, Mpps, Study, StudyState
 from node.store.payloads import InferPayload
+from node.store.retention import Retention
 
 __all__ = [
     "ModelVersionError",
@@ -448,9 +452,12 @@ def run(
         cfg.study.force_after_s,
     )
     next_reap = 0.0
+    keeper = Retention(db, cfg) if cfg.retention.enabled else None
     try:
         while not stopping.is_set():
             try:
+                if keeper is not None:  # [retention]: by age, watermarks, emergency floor
+                    keeper.tick()
                 if time.monotonic() >= next_reap:
                     reaped = jobs.reap_expired(db)
                     if reaped:
