@@ -209,7 +209,7 @@ def test_outbox_files_by_age_only_when_their_sends_are_finished(
     env: tuple[NodeConfig, Database],
 ) -> None:
     cfg, db = env
-    files = {}
+    files: dict[str, Path] = {}
     for name, status in (("dead", JobStatus.DEAD), ("queued", JobStatus.QUEUED)):
         sop = f"1.5.{len(files) + 1}"
         rel = uid_path(sop)
