@@ -34,25 +34,25 @@ from node.store.db import (
 from node.store.durable import uid_path
 from node.store.payloads import SendPayload
 from node.store.retention import DAY_S, DiskUsage, Retention, disk_usage, purge
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 T = now()
 
 
-def make_cfg(data: Path, db_file: Path, **retention: object) -> NodeConfig:
+def make_cfg(data: Path, db_file: Path | str, **retention: object) -> NodeConfig:
+    url = db_file if isinstance(db_file, str) else f"sqlite:///{db_file}"
     return NodeConfig.model_validate(
         {
-            "node": {"data_dir": str(data), "database_url": f"sqlite:///{db_file}"},
+            "node": {"data_dir": str(data), "database_url": url},
             "retention": {"enabled": True, **retention},
         }
     )
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[NodeConfig, Database]]:
-    cfg = make_cfg(tmp_path / "data", tmp_path / "db.sqlite")
-    db = init_db(cfg.node.resolved_database_url)
-    yield cfg, db
-    db.dispose()
+def env(anydb: Database, tmp_path: Path) -> tuple[NodeConfig, Database]:
+    """SQLite and, where a server can be had, PostgreSQL (row locks, not BEGIN IMMEDIATE)."""
+    return make_cfg(tmp_path / "data", anydb.engine.url.render_as_string(False)), anydb
 
 
 def add_study(
