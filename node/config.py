@@ -299,7 +299,11 @@ class PriorityConfig(_Model):
     def _levels(
         cls, value: dict[str, dict[str, PriorityValue]]
     ) -> dict[str, dict[str, PriorityValue]]:
-        for mapping in value.values():
+        from pydicom.datadict import tag_for_keyword
+
+        for key, mapping in value.items():
+            if tag_for_keyword(key) is None:  # a typo would silently never match
+                raise ValueError(f"unknown DICOM keyword {key!r}")
             for prio in mapping.values():
                 _check_priority(prio)
         return value

@@ -434,7 +434,11 @@ class Retention:
             return None
         self._next = m + rc.interval_s
         self._last = m
-        report = purge(self.db, self.cfg, usage=self.usage)
+        try:
+            report = purge(self.db, self.cfg, usage=self.usage)
+        except Exception:  # a failed pass must not stop the scheduling around it
+            log.exception("retention pass failed; next one in %.0f s", rc.interval_s)
+            return None
         if report.removals:
             log.info("retention: %d file(s), %d bytes removed", report.files, report.bytes)
         return report

@@ -369,3 +369,24 @@ def test_purge_command_dry_run_then_for_real(
     out = capsys.readouterr().out
     assert "removed study 1.8.1" in out
     assert not any(p.exists() for p in paths)
+
+
+def test_a_failing_pass_is_logged_and_waits_for_the_next_interval(
+    env: tuple[NodeConfig, Database],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg, db = env
+    paths = add_study(db, cfg, "1.9.1")
+    calls = []
+
+    def broken(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        raise PermissionError("spool is read-only")
+
+    monkeypatch.setattr("node.store.retention.purge", broken)
+    keeper = Retention(db, cfg, usage=roomy)
+    assert keeper.tick(mono=0.0) is None  # no exception reaches the scheduler loop
+    assert "retention pass failed" in caplog.text
+    assert keeper.tick(mono=1.0) is None and calls == [1]  # not retried on every tick
+    assert all(p.exists() for p in paths)
