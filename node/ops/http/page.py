@@ -154,6 +154,13 @@ def _summary(counts: dict[tuple[str, str], int]) -> str:
     return '<table id="summary" style="width:auto">' + "".join(cells) + "</table>"
 
 
+def _purged(st: Study, t: float) -> str:
+    """A note that retention removed the study's instances (docs/operations.md)."""
+    if st.purged_at is None:
+        return ""
+    return f' <span class="purged">(purged {_e(age(t - st.purged_at))} ago)</span>'
+
+
 def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
     """The HTML of ``/``, built from the job table now."""
     t = time.time()
@@ -183,7 +190,7 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
                 f"<td>{_e(mods)}</td>"
                 f'<td class="s-{_e(st.state.value)}">{_e(st.state.value)}</td>'
                 f'<td data-rule="{_e(st.complete_rule or "")}">{_e(st.complete_rule or "")}</td>'
-                f"<td>{st.instance_count}</td>"
+                f"<td>{st.instance_count}{_purged(st, t)}</td>"
                 f"<td>{_e(age(t - st.last_received_at))} ago</td>"
                 f"<td>{_e(scrub(st.note, 120))}</td></tr>"
             )

@@ -120,6 +120,7 @@ def _populate(db: Database, outbox: Path) -> Populated:
                 last_received_at=t0,
                 state=StudyState.UNROUTED,
                 instance_count=3,
+                purged_at=t0 + 60,
             )
         )
 
@@ -386,6 +387,7 @@ def test_status_page_lists_studies_jobs_and_previews(served: Served) -> None:
     assert page.count('<tr class="job"') == 5
     assert page.count('<td class="prio">stat</td>') == 1  # the STAT job, by its priority
     assert page.count('<td class="prio">routine</td>') == 4
+    assert page.count('<span class="purged">') == 1  # retention removed its instances
     assert f'src="/preview/{served.data.sc_id}.png"' in page
     assert f"/preview/{served.data.sr_id}.png" not in page  # an SR has no preview
     assert uid_tag(served.data.dx_study) in page
