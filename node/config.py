@@ -17,19 +17,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "ALL_RESULT_OBJECTS",
+    "PRIORITY_LEVELS",
     "ConfigError",
     "DestinationConfig",
     "HttpConfig",
     "InferenceConfig",
     "NodeConfig",
     "NodeSection",
+    "PriorityConfig",
     "ResultsConfig",
+    "RetentionConfig",
     "RouteConfig",
     "SecurityConfig",
     "SourceConfig",
     "StudyConfig",
     "TlsConfig",
     "load_config",
+    "priority_name",
+    "priority_value",
 ]
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
@@ -186,6 +191,36 @@ class SourceConfig(_Model):
         return None if value is None else _check_ae(value)
 
 
+#: Named job priorities; a higher number is claimed first (``jobs.priority``).
+PRIORITY_LEVELS: dict[str, int] = {"research": 0, "routine": 100, "urgent": 200, "stat": 300}
+#: A priority as written in the configuration: a level name or an integer.
+PriorityValue = Literal["stat", "urgent", "routine", "research"] | int
+
+
+def priority_value(value: PriorityValue) -> int:
+    """The number of a priority: a level of :data:`PRIORITY_LEVELS` or the integer itself."""
+    return value if isinstance(value, int) else PRIORITY_LEVELS[value]
+
+
+def priority_name(number: int) -> str:
+    """``stat``, ``urgent``, ``routine``, ``research``, or the number when it is none of them."""
+    for name, value in PRIORITY_LEVELS.items():
+        if value == number:
+            return name
+    return str(number)
+
+
+_PRIORITY_RANGE = (-1000, 1000)
+
+
+def _check_priority(value: PriorityValue) -> PriorityValue:
+    if isinstance(value, int) and not _PRIORITY_RANGE[0] <= value <= _PRIORITY_RANGE[1]:
+        raise ValueError(
+            f"priority {value} must be within {_PRIORITY_RANGE[0]}..{_PRIORITY_RANGE[1]}"
+        )
+    return value
+
+
 #: A ``match`` condition: accepted values (text or numbers) or ``"re:PATTERN"``.
 MatchValue = list[str | int | float] | str | int | float
 
@@ -208,6 +243,11 @@ class RouteConfig(_Model):
     model_version: str | None = Field(default=None, min_length=1, max_length=64)
     match: dict[str, MatchValue] = Field(default_factory=dict)
     send_to: list[str] = Field(default_factory=list)
+    #: Priority of the jobs this route creates (``stat``, ``urgent``, ``routine``,
+    #: ``research`` or an integer; higher is claimed first); ``[priority]`` may raise it.
+    priority: PriorityValue = "routine"
+
+    _prio = field_validator("priority")(classmethod(lambda cls, v: _check_priority(v)))
 
     @field_validator("match")
     @classmethod
@@ -235,6 +275,69 @@ class ResultsConfig(_Model):
     institution_name: str | None = None
 
 
+def _default_priority_attributes() -> dict[str, dict[str, PriorityValue]]:
+    # Requested Procedure Priority (0040,1003), PS3.3 C.4.11: STAT, HIGH, ROUTINE,
+    # MEDIUM, LOW.  Only the values that raise a routine job are mapped.
+    return {"RequestedProcedurePriority": {"STAT": "stat", "HIGH": "urgent"}}
+
+
+class PriorityConfig(_Model):
+    """Header attributes that raise the priority of a study's jobs.
+
+    ``attributes`` maps a DICOM keyword to {value → priority}; the scheduler reads it
+    from the header it already reads per series, compares the value as stripped,
+    case-insensitive text, and a job runs at the highest of its route's priority and
+    every mapped value among its input series.  An attribute never lowers a priority.
+    """
+
+    attributes: dict[str, dict[str, PriorityValue]] = Field(
+        default_factory=_default_priority_attributes
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _levels(
+        cls, value: dict[str, dict[str, PriorityValue]]
+    ) -> dict[str, dict[str, PriorityValue]]:
+        from pydicom.datadict import tag_for_keyword
+
+        for key, mapping in value.items():
+            if tag_for_keyword(key) is None:  # a typo would silently never match
+                raise ValueError(f"unknown DICOM keyword {key!r}")
+            for prio in mapping.values():
+                _check_priority(prio)
+        return value
+
+
+class RetentionConfig(_Model):
+    """How long finished studies and result files stay on disk (``airnode purge``).
+
+    Nothing of a study with an unfinished job (queued, running or failed awaiting a
+    retry) is ever removed.  ``enabled`` turns on the periodic pass in the scheduler;
+    ``airnode purge`` runs one pass on demand whatever it says.
+    """
+
+    enabled: bool = False
+    #: Days a finished study stays in the spool after its last job ended; ``None``: no age limit.
+    spool_keep_days: float | None = Field(default=30.0, ge=0)
+    #: Days an outbox file whose send jobs are all finished (or that has none) stays.
+    outbox_keep_days: float | None = Field(default=30.0, ge=0)
+    #: Above this share of the spool's file system in use, finished studies are removed
+    #: oldest first, whatever their age, until the use is back at ``low_watermark_percent``.
+    high_watermark_percent: float = Field(default=85.0, gt=0, le=100)
+    low_watermark_percent: float = Field(default=75.0, gt=0, le=100)
+    #: Below this many free bytes the scheduler cleans up at once, on every pass.
+    emergency_free_bytes: int = Field(default=2 * 1024**3, ge=0)
+    #: Seconds between two periodic passes (the emergency check runs on every pass).
+    interval_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> RetentionConfig:
+        if self.low_watermark_percent > self.high_watermark_percent:
+            raise ValueError("low_watermark_percent must be <= high_watermark_percent")
+        return self
+
+
 class HttpConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -256,6 +359,8 @@ class NodeConfig(_Model):
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     send: SendPolicyConfig = Field(default_factory=SendPolicyConfig)
+    priority: PriorityConfig = Field(default_factory=PriorityConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     destinations: list[DestinationConfig] = Field(default_factory=list)
     sources: list[SourceConfig] = Field(default_factory=list)
     routes: list[RouteConfig] = Field(default_factory=list)

@@ -148,6 +148,36 @@ def db_revision(config: ConfigOpt = None) -> None:
 
 
 @app.command()
+def purge(
+    config: ConfigOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
+    ] = False,
+) -> None:
+    """Remove finished studies and result files by [retention] age and disk watermarks."""
+    from node.store.db import open_db
+    from node.store.retention import purge as run_purge
+
+    cfg = _config(config)
+    db = open_db(cfg.node.resolved_database_url)
+    try:
+        report = run_purge(db, cfg, dry_run=dry_run)
+    finally:
+        db.dispose()
+    verb = "would remove" if dry_run else "removed"
+    for r in report.removals:
+        what = "study" if r.kind == "study" else "result"
+        typer.echo(f"{verb} {what} {r.uid}: {r.files} file(s), {r.bytes} bytes ({r.reason})")
+    after = report.after
+    typer.echo(
+        f"{len(report.removals)} item(s), {report.files} file(s), {report.bytes} bytes "
+        f"{verb}" + (f"; spool file system {after.used_percent:.1f} % used" if after else "")
+    )
+    if report.short:
+        typer.echo("still short of space: every other study has unfinished jobs", err=True)
+
+
+@app.command()
 def echo(
     host: str,
     port: int,

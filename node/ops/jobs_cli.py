@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from node.config import ConfigError, load_config
+from node.config import ConfigError, load_config, priority_name
 from node.errors import UserError
 from node.store import jobs
 from node.store.db import Database, Job, JobKind, JobStatus, open_db
@@ -65,12 +65,15 @@ def list_jobs(
         for j in rows:
             typer.echo(json.dumps(_as_dict(j)))
         return
-    table = Table("id", "kind", "status", "attempts", "model / destination", "updated", "error")
+    table = Table(
+        "id", "kind", "priority", "status", "attempts", "model / destination", "updated", "error"
+    )
     for j in rows:
         target = j.destination or str(j.payload.get("model") or "")  # shown even if invalid
         table.add_row(
             str(j.id),
             str(j.kind),
+            priority_name(j.priority),
             str(j.status),
             str(j.attempts),
             target,
@@ -86,6 +89,7 @@ def _as_dict(j: Job) -> dict[str, object]:
         "kind": str(j.kind),
         "status": str(j.status),
         "key": j.idempotency_key,
+        "priority": j.priority,
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
         "payload": j.payload,

@@ -26,7 +26,10 @@ sorted SOP Instance UIDs of the series the model's rules matched), so:
   models whose input changed; the others keep their existing job.
 
 A study no rule matches becomes ``unrouted``, with no job.  The scheduler also runs
-the lease reaper (:func:`node.store.jobs.reap_expired`) every few seconds.
+the lease reaper (:func:`node.store.jobs.reap_expired`) every few seconds, and with
+``[retention] enabled`` the retention pass (:class:`node.store.retention.Retention`).
+A job's priority is the highest of its routes' ``priority`` and what the
+``[priority]`` attributes of its input series ask for (:mod:`node.schedule.priority`).
 """
 
 from __future__ import annotations
@@ -46,10 +49,12 @@ from node.config import NodeConfig
 from node.errors import UserError
 from node.logs import uid_tag
 from node.runtime import start_stage
+from node.schedule.priority import HeaderPriority, route_priority
 from node.schedule.routing import RouteMatch, Router, RoutingError, read_header
 from node.store import jobs
 from node.store.db import CompleteRule, Database, Instance, JobKind, Mpps, Study, StudyState
 from node.store.payloads import InferPayload
+from node.store.retention import Retention
 
 __all__ = [
     "ModelVersionError",
@@ -217,7 +222,10 @@ def _series_of(db: Database, study_uid: str) -> list[_Series]:
     return [_Series(uid, insts) for uid, insts in by_series.items()]
 
 
-def _route_series(router: Router, spool: Path, series: _Series) -> list[RouteMatch]:
+def _route_series(
+    router: Router, spool: Path, series: _Series, header_priority: HeaderPriority
+) -> tuple[list[RouteMatch], int | None]:
+    """The routes that fire for the series, and the priority its header asks for."""
     first = series.rows[0]
     defaults = {"Modality": first.modality, "SOPClassUID": first.sop_class_uid}
     ds = None
@@ -233,7 +241,7 @@ def _route_series(router: Router, spool: Path, series: _Series) -> list[RouteMat
                 type(exc).__name__,
             )
     attrs = router.attributes(ds, calling_ae=first.calling_ae, defaults=defaults)
-    return router.evaluate(attrs)
+    return router.evaluate(attrs), header_priority.of(ds)
 
 
 def _finish_study(
@@ -243,7 +251,7 @@ def _finish_study(
     note: Callable[[list[tuple[int, bool]]], str],
     t: float,
     rule: CompleteRule,
-    new_jobs: Sequence[tuple[str, InferPayload]] = (),
+    new_jobs: Sequence[tuple[str, InferPayload, int]] = (),
 ) -> tuple[bool, list[tuple[int, bool]]]:
     """Record the outcome and queue the jobs in one transaction.
 
@@ -268,9 +276,14 @@ def _finish_study(
             return False, []
         queued = [
             jobs.enqueue_in(
-                s, JobKind.INFER, key, payload, study_instance_uid=study.study_instance_uid
+                s,
+                JobKind.INFER,
+                key,
+                payload,
+                study_instance_uid=study.study_instance_uid,
+                priority=prio,
             )
-            for key, payload in new_jobs
+            for key, payload, prio in new_jobs
         ]
         current.state = state
         current.scheduled_at = t if unchanged else study.last_received_at
@@ -297,11 +310,18 @@ def _schedule_study(
     wanted: dict[
         tuple[str, str | None], tuple[set[str], set[str], dict[str, None], dict[str, None]]
     ] = {}
+    asked: dict[tuple[str, str | None], int] = {}  # the highest priority a header asked for
+    header_priority = HeaderPriority(cfg.priority)
     for ser in series:
-        for m in _route_series(router, cfg.node.spool_dir, ser):
+        matches, ser_prio = _route_series(router, cfg.node.spool_dir, ser, header_priority)
+        for m in matches:
             ser_uids, sops, dests, routes = wanted.setdefault(
                 (m.model, m.model_version), (set(), set(), {}, {})
             )
+            if ser_prio is not None:
+                asked[m.model, m.model_version] = max(
+                    ser_prio, asked.get((m.model, m.model_version), ser_prio)
+                )
             ser_uids.add(ser.uid)
             sops.update(r.sop_instance_uid for r in ser.rows)
             dests.update(dict.fromkeys(m.destinations))
@@ -319,7 +339,7 @@ def _schedule_study(
     if installed is None:
         installed = installed_packages(cfg.inference.model_dirs)
     notes: list[str] = []
-    new_jobs: list[tuple[str, InferPayload]] = []
+    new_jobs: list[tuple[str, InferPayload, int]] = []
     labels: list[str] = []
     for (model, pin), (ser_uids, sops, dests, routes) in wanted.items():
         pkg = select_package(installed.get(model, {}), pin)
@@ -347,7 +367,9 @@ def _schedule_study(
             route=fired[0],
             routes=fired,
         )
-        new_jobs.append((infer_key(uid, model, version, sops), payload))
+        prio = route_priority(r for r in router.routes if r.name in routes)
+        prio = max(prio, asked.get((model, pin), prio))  # a header only raises it
+        new_jobs.append((infer_key(uid, model, version, sops), payload, prio))
         labels.append(f"{model}@{version} ({len(ser_uids)} series, {len(sops)} instances)")
     if not new_jobs:
         # Every matching model is unknown: nothing can run; the note says why.
@@ -430,9 +452,12 @@ def run(
         cfg.study.force_after_s,
     )
     next_reap = 0.0
+    keeper = Retention(db, cfg) if cfg.retention.enabled else None
     try:
         while not stopping.is_set():
             try:
+                if keeper is not None:  # [retention]: by age, watermarks, emergency floor
+                    keeper.tick()
                 if time.monotonic() >= next_reap:
                     reaped = jobs.reap_expired(db)
                     if reaped:

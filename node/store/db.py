@@ -43,6 +43,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from node.errors import UserError
 
 __all__ = [
+    "AuditEvent",
     "Base",
     "CompleteRule",
     "Database",
@@ -166,6 +167,8 @@ class Study(Base):
     #: Number of Study Related Instances (0020,1208) stated by the newest instance
     #: that has it; the study is complete when exactly that many have arrived.
     expected_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: When retention last removed instances of the study from the spool (``airnode purge``).
+    purged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Mpps(Base):
@@ -208,7 +211,7 @@ class Instance(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "kind", "status", "not_before"),)
+    __table_args__ = (Index("ix_jobs_claim", "kind", "status", "priority", "not_before"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
@@ -224,6 +227,9 @@ class Job(Base):
     result_sop_instance_uid: Mapped[str | None] = mapped_column(
         String(64), nullable=True, index=True
     )
+    #: Higher is claimed first (node.config.PRIORITY_LEVELS: routine = 100, stat = 300);
+    #: a send job inherits its infer job's.
+    priority: Mapped[int] = mapped_column(Integer, default=100, server_default="100")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=10)
     not_before: Mapped[float] = mapped_column(Float, default=0.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "fsync_dir",
     "fsync_file",
     "link_durable",
+    "remove_durable",
     "sha256_file",
     "uid_path",
     "write_durable",
@@ -98,3 +100,23 @@ def write_durable(target: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, target)
     fsync_dir(target.parent)
+
+
+def remove_durable(paths: Iterable[Path]) -> int:
+    """Delete files so that their removal survives a crash: unlink each (a missing one
+    is skipped), then fsync each directory that lost an entry, once.
+
+    Returns how many files were removed.
+    """
+    removed = 0
+    dirs: set[Path] = set()
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+        dirs.add(path.parent)
+    for d in sorted(dirs):
+        fsync_dir(d)
+    return removed

@@ -4,8 +4,13 @@ A job is claimed in one atomic statement::
 
     UPDATE jobs SET status='running', lease_owner=…, lease_expires_at=…, attempts=attempts+1
     WHERE id = (SELECT id FROM jobs WHERE kind=… AND status IN ('queued','failed')
-                AND not_before <= now ORDER BY not_before, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                AND not_before <= now ORDER BY priority DESC, not_before, id
+                LIMIT 1 FOR UPDATE SKIP LOCKED)
     RETURNING …
+
+The highest ``priority`` goes first (a STAT study overtakes a queue of routine ones),
+then the oldest: the earliest due (``not_before``; 0 for a job never tried), then the
+first queued (``id``).
 
 On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets many workers claim side by side.  On
 SQLite that clause compiles to nothing, which is safe only because every write
@@ -33,7 +38,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from node.config import SendPolicyConfig
+from node.config import PRIORITY_LEVELS, SendPolicyConfig
 from node.store.db import TRANSITIONS, Database, Job, JobKind, JobStatus, now
 from node.store.payloads import JobPayload, SendPayload
 
@@ -60,6 +65,9 @@ __all__ = [
 ]
 
 CLAIMABLE = (JobStatus.QUEUED, JobStatus.FAILED)
+#: Jobs of a study in these states are not finished: retention keeps the study's files.
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.FAILED)
+DEFAULT_PRIORITY = PRIORITY_LEVELS["routine"]
 
 
 class JobError(Exception):
@@ -149,6 +157,7 @@ class EnqueueOptions(TypedDict, total=False):
     max_attempts: int | None
     not_before: float
     parent_id: int | None
+    priority: int
 
 
 def enqueue(
@@ -172,12 +181,14 @@ def enqueue_in(
     max_attempts: int | None = None,
     not_before: float = 0.0,
     parent_id: int | None = None,
+    priority: int = DEFAULT_PRIORITY,
 ) -> tuple[int, bool]:
     """:func:`enqueue` inside the caller's write transaction ``s``.
 
     For callers whose job must exist if and only if their own rows change in the same
     transaction (the scheduler marks a study scheduled and queues its jobs at once).
     A racing insert of the same key (PostgreSQL) is absorbed by a savepoint.
+    ``priority``: higher is claimed first (:data:`node.config.PRIORITY_LEVELS`).
     """
     if max_attempts is None:
         max_attempts = retry_policies()[kind].max_attempts
@@ -204,6 +215,7 @@ def enqueue_in(
         created_at=t,
         updated_at=t,
         parent_id=parent_id,
+        priority=priority,
     )
     try:
         with s.begin_nested():
@@ -229,7 +241,7 @@ def claim(
     pick = (
         select(Job.id)
         .where(Job.kind == kind, Job.status.in_(CLAIMABLE), Job.not_before <= t, *extra_where)
-        .order_by(Job.not_before, Job.id)
+        .order_by(Job.priority.desc(), Job.not_before, Job.id)
         .limit(1)
         .with_for_update(skip_locked=True)
         .scalar_subquery()

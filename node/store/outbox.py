@@ -21,7 +21,7 @@ from sqlalchemy import select
 from node.logs import uid_tag
 from node.store.db import Database, Job, JobKind, JobStatus, Result, now
 from node.store.durable import fsync_dir, uid_path, write_durable
-from node.store.jobs import enqueue
+from node.store.jobs import DEFAULT_PRIORITY, enqueue
 from node.store.payloads import SendPayload
 
 __all__ = [
@@ -76,12 +76,14 @@ def store_results(
     destinations: list[str],
     max_attempts: int | None = None,
     objects: Mapping[str, Collection[str]] | None = None,
+    priority: int = DEFAULT_PRIORITY,
 ) -> list[Result]:
     """Write ``datasets`` to the outbox, record them, queue one send per destination.
 
     ``objects`` maps a destination to the object kinds it takes (:func:`object_kind`:
     ``sr``, ``seg``, ``sc``, ``pr``; ``[[destinations]] objects`` in the config); a
-    destination not in it takes all. Returns the ``results`` rows (existing ones when
+    destination not in it takes all. The send jobs get ``priority``, the infer job's,
+    so a STAT study's results are also sent first. Returns the ``results`` rows (existing ones when
     this is a re-run).
     """
     if not model:
@@ -126,6 +128,7 @@ def store_results(
                 study_instance_uid=str(ds.StudyInstanceUID),
                 max_attempts=max_attempts,
                 parent_id=infer_job_id,
+                priority=priority,
             )
         log.info("outbox: %s %s for %d destination(s)", row.kind, uid_tag(uid), queued)
     return rows

@@ -340,6 +340,7 @@ class Worker:
                 destinations=payload.destinations,
                 max_attempts=self.cfg.send.max_attempts,
                 objects={d.name: d.objects for d in self.cfg.destinations},
+                priority=job.priority,
             )
             timings["store"] += time.perf_counter() - t3
             result_uids.extend(r.sop_instance_uid for r in stored)

@@ -16,6 +16,7 @@ from node.config import (
     RouteConfig,
     load_config,
     parse_config,
+    priority_value,
 )
 from node.schedule.routing import Router
 
@@ -103,6 +104,25 @@ def test_bad_regex_names_the_route_key() -> None:
     assert text.startswith(
         "config error: routes.0.match: SeriesDescription: bad regular expression"
     )
+
+
+def test_priorities_by_name_or_number_and_bad_ones_named() -> None:
+    cfg = parse_config({"routes": [{"name": "a", "model": "m", "priority": "stat"},
+                                   {"name": "b", "model": "m", "priority": 150},
+                                   {"name": "c", "model": "m"}]})  # fmt: skip
+    assert [priority_value(r.priority) for r in cfg.routes] == [300, 150, 100]
+    assert cfg.priority.attributes["RequestedProcedurePriority"]["STAT"] == "stat"
+    text = error_of({"routes": [{"name": "a", "model": "m", "priority": "asap"}]})
+    assert text.startswith("config error: routes.0.priority")
+    assert "must be within" in error_of({"routes": [{"name": "a", "model": "m", "priority": 5000}]})
+    text = error_of({"priority": {"attributes": {"RequestedPriority": {"STAT": "stat"}}}})
+    assert "unknown DICOM keyword 'RequestedPriority'" in text
+
+
+def test_retention_watermarks_in_order() -> None:
+    text = error_of({"retention": {"high_watermark_percent": 70, "low_watermark_percent": 80}})
+    assert "low_watermark_percent must be <= high_watermark_percent" in text
+    assert parse_config({}).retention.enabled is False  # removing images is opt-in
 
 
 def test_route_to_unknown_destination() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from node.config import priority_name
 from node.logs import mask_phi, uid_tag
 from node.store.db import Database, Instance, Job, JobKind, JobStatus, Result, Study
 
@@ -153,6 +154,13 @@ def _summary(counts: dict[tuple[str, str], int]) -> str:
     return '<table id="summary" style="width:auto">' + "".join(cells) + "</table>"
 
 
+def _purged(st: Study, t: float) -> str:
+    """A note that retention removed the study's instances (docs/operations.md)."""
+    if st.purged_at is None:
+        return ""
+    return f' <span class="purged">(purged {_e(age(t - st.purged_at))} ago)</span>'
+
+
 def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
     """The HTML of ``/``, built from the job table now."""
     t = time.time()
@@ -182,7 +190,7 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
                 f"<td>{_e(mods)}</td>"
                 f'<td class="s-{_e(st.state.value)}">{_e(st.state.value)}</td>'
                 f'<td data-rule="{_e(st.complete_rule or "")}">{_e(st.complete_rule or "")}</td>'
-                f"<td>{st.instance_count}</td>"
+                f"<td>{st.instance_count}{_purged(st, t)}</td>"
                 f"<td>{_e(age(t - st.last_received_at))} ago</td>"
                 f"<td>{_e(scrub(st.note, 120))}</td></tr>"
             )
@@ -193,7 +201,8 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
     out.append("<h2>Recent jobs</h2>")
     if data.jobs:
         out.append(
-            '<table id="jobs"><thead><tr><th>#</th><th>kind</th><th>model / destination</th>'
+            '<table id="jobs"><thead><tr><th>#</th><th>kind</th><th>priority</th>'
+            "<th>model / destination</th>"
             "<th>study</th><th>status</th><th>attempts</th><th>updated</th><th>last error</th>"
             "</tr></thead><tbody>"
         )
@@ -201,7 +210,9 @@ def render_status_page(db: Database, *, node_name: str = "airnode") -> str:
             out.append(
                 f'<tr class="job" data-kind="{_e(j.kind.value)}" '
                 f'data-status="{_e(j.status.value)}">'
-                f"<td>{j.id}</td><td>{_e(j.kind.value)}</td><td>{_e(_target(j))}</td>"
+                f"<td>{j.id}</td><td>{_e(j.kind.value)}</td>"
+                f'<td class="prio">{_e(priority_name(j.priority))}</td>'
+                f"<td>{_e(_target(j))}</td>"
                 f"<td><code>{_e(uid_tag(j.study_instance_uid))}</code></td>"
                 f'<td class="s-{_e(j.status.value)}">{_e(j.status.value)}</td>'
                 f"<td>{j.attempts}/{j.max_attempts}</td>"

@@ -120,6 +120,7 @@ def _populate(db: Database, outbox: Path) -> Populated:
                 last_received_at=t0,
                 state=StudyState.UNROUTED,
                 instance_count=3,
+                purged_at=t0 + 60,
             )
         )
 
@@ -131,7 +132,9 @@ def _populate(db: Database, outbox: Path) -> Populated:
     job = jobs.claim(db, JobKind.INFER, "w1")
     assert job is not None and job.id == jid
     jobs.complete(db, jid, "w1", payload={"model": "cxr-nodule", "timings": timings})
-    jobs.enqueue(db, JobKind.INFER, "i2", {"model": "ct-lesion"}, study_instance_uid=ct)
+    jobs.enqueue(
+        db, JobKind.INFER, "i2", {"model": "ct-lesion"}, study_instance_uid=ct, priority=300
+    )
     assert jobs.claim(db, JobKind.INFER, "w1") is not None
     jobs.enqueue(db, JobKind.INFER, "i3", {"model": "ct-lesion"}, study_instance_uid=ct)
     jobs.cancel(db, 3, f"input unreadable for {PATIENT} study {ct}")
@@ -382,6 +385,9 @@ def test_status_page_lists_studies_jobs_and_previews(served: Served) -> None:
     page = r.text
     assert page.count('<tr class="study"') == 2
     assert page.count('<tr class="job"') == 5
+    assert page.count('<td class="prio">stat</td>') == 1  # the STAT job, by its priority
+    assert page.count('<td class="prio">routine</td>') == 4
+    assert page.count('<span class="purged">') == 1  # retention removed its instances
     assert f'src="/preview/{served.data.sc_id}.png"' in page
     assert f"/preview/{served.data.sr_id}.png" not in page  # an SR has no preview
     assert uid_tag(served.data.dx_study) in page

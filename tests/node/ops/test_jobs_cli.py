@@ -57,6 +57,7 @@ def test_list_json_and_filters(
     assert [r["id"] for r in rows] == [b, a]  # newest first
     assert rows[0]["status"] == "dead" and rows[0]["last_error"].startswith("0xA900")
     assert rows[1]["payload"] == {"model": "cxr-nodule"}
+    assert rows[1]["priority"] == 100  # routine, the default
 
     code, out, _ = run_cli(capsys, "jobs", "list", "-c", str(conf), "--json", "--status", "dead")
     assert [json.loads(x)["id"] for x in out.splitlines()] == [b]
@@ -68,10 +69,11 @@ def test_list_json_and_filters(
 
 def test_list_table(setup: tuple[Path, Database], capsys: pytest.CaptureFixture[str]) -> None:
     conf, db = setup
-    jobs.enqueue(db, JobKind.INFER, "infer:a", {"model": "cxr-nodule"})
+    jobs.enqueue(db, JobKind.INFER, "infer:a", {"model": "cxr-nodule"}, priority=300)
     code, out, _ = run_cli(capsys, "jobs", "list", "-c", str(conf))
     assert code == 0
     assert "cxr-nodule" in out and "queued" in out and "infer" in out
+    assert "stat" in out  # the priority, by its name
 
 
 def test_show(setup: tuple[Path, Database], capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
+from node.config import PRIORITY_LEVELS
 from node.store import jobs
 from node.store.db import TRANSITIONS, Database, Job, JobKind, JobStatus, init_db, now
 from node.store.jobs import PermanentJobError, RetryPolicy, TransientJobError
@@ -229,6 +230,35 @@ def test_claim_order_kind_and_due_time(anydb: Database) -> None:
     sent = jobs.claim(anydb, JobKind.SEND, "w")
     assert sent is not None and sent.id == s
     assert get(anydb, later).status == Q
+
+
+def test_a_stat_job_overtakes_50_routine_ones(anydb: Database) -> None:
+    routine = [
+        put(anydb, f"ct-{i}", priority=PRIORITY_LEVELS["routine"], study_instance_uid=f"1.2.{i}")
+        for i in range(50)
+    ]
+    stat = put(anydb, "dx-stat", priority=PRIORITY_LEVELS["stat"], study_instance_uid="1.3")
+    first = jobs.claim(anydb, JobKind.INFER, "w")
+    assert first is not None and first.id == stat and first.priority == PRIORITY_LEVELS["stat"]
+    # Then the routine ones, oldest first.
+    rest = [jobs.claim(anydb, JobKind.INFER, "w") for _ in range(3)]
+    assert [j.id for j in rest if j is not None] == routine[:3]
+
+
+def test_claim_order_is_priority_then_due_time_then_age(anydb: Database) -> None:
+    research = put(anydb, "research", priority=PRIORITY_LEVELS["research"])
+    routine_retry = put(anydb, "routine-retry", not_before=now() - 10)
+    routine_new = put(anydb, "routine-new")
+    urgent_later = put(anydb, "urgent-later", priority=200, not_before=now() + 3600)
+    urgent = put(anydb, "urgent", priority=200)
+    default = get(anydb, routine_new)
+    assert default.priority == PRIORITY_LEVELS["routine"]  # the default
+    order = []
+    while (job := jobs.claim(anydb, JobKind.INFER, "w")) is not None:
+        order.append(job.id)
+    # The urgent job that is not due yet waits; among equals the earliest due goes first.
+    assert order == [urgent, routine_new, routine_retry, research]
+    assert get(anydb, urgent_later).status == Q
 
 
 def test_claim_with_extra_condition(anydb: Database) -> None:

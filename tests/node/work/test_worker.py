@@ -23,7 +23,7 @@ import pytest
 from pydicom import Dataset
 from sqlalchemy import select
 
-from node.config import NodeConfig
+from node.config import PRIORITY_LEVELS, NodeConfig
 from node.logs import uid_tag
 from node.ops.synthetic import ct_series, dx_image
 from node.receive.spool import Spool, Status
@@ -176,6 +176,56 @@ def test_infer_job_becomes_results_in_the_outbox_with_send_jobs(
         for j in sends
     )
     assert {j.max_attempts for j in sends} == {cfg.send.max_attempts}
+    db.dispose()
+
+
+def test_a_stat_route_is_run_and_sent_before_earlier_routine_work(tmp_path: Path) -> None:
+    """The route's priority reaches the infer job, the worker takes it first, and its
+    send jobs inherit it, so the STAT result is also sent first."""
+    cfg = make_cfg(tmp_path)
+    routes = [
+        r.model_copy(update={"priority": "stat"}) if r.name == "cxr" else r for r in cfg.routes
+    ]
+    cfg = cfg.model_copy(update={"routes": routes})
+    db = init_db(cfg.node.resolved_database_url)
+    receive(db, cfg, ct_study())
+    (ct_job,) = schedule(db, cfg)  # routine, queued first
+    receive(db, cfg, dx_study())
+    (dx_job,) = schedule(db, cfg)
+    assert job_row(db, ct_job).priority == PRIORITY_LEVELS["routine"]
+    assert job_row(db, dx_job).priority == PRIORITY_LEVELS["stat"]
+
+    assert Worker(cfg, db).run_one() is True
+    assert job_row(db, dx_job).status == JobStatus.DONE
+    assert job_row(db, ct_job).status == JobStatus.QUEUED
+    assert Worker(cfg, db).run_one() is True
+    by_parent = Counter((j.parent_id, j.priority) for j in send_jobs(db))
+    assert {p for (parent, p) in by_parent if parent == dx_job} == {PRIORITY_LEVELS["stat"]}
+    assert {p for (parent, p) in by_parent if parent == ct_job} == {PRIORITY_LEVELS["routine"]}
+    first_send = jobs.claim(db, JobKind.SEND, "sender")
+    assert first_send is not None and first_send.parent_id == dx_job
+    db.dispose()
+
+
+def test_a_header_priority_raises_a_routine_route(tmp_path: Path) -> None:
+    """Requested Procedure Priority STAT (0040,1003) raises the routine route's job."""
+    cfg = make_cfg(tmp_path)
+    db = init_db(cfg.node.resolved_database_url)
+    study = dx_study()
+    study[0].RequestedProcedurePriority = "STAT"
+    receive(db, cfg, study)
+    (job_id,) = schedule(db, cfg)
+    assert job_row(db, job_id).priority == PRIORITY_LEVELS["stat"]
+    # A value that is not mapped leaves the route's priority; a research route stays
+    # research unless a header raises it.
+    routes = [r.model_copy(update={"priority": "research"}) for r in cfg.routes]
+    cfg2 = cfg.model_copy(update={"routes": routes})
+    ct = ct_study()
+    for ds in ct:
+        ds.RequestedProcedurePriority = "LOW"
+    receive(db, cfg2, ct)
+    (ct_job,) = schedule(db, cfg2)
+    assert job_row(db, ct_job).priority == PRIORITY_LEVELS["research"]
     db.dispose()
 
 
