@@ -237,8 +237,15 @@ class ResultsConfig(_Model):
 
 class HttpConfig(_Model):
     enabled: bool = True
+    #: Loopback by default: the endpoints have no login, so binding to another address
+    #: exposes them (STOW-RS included) to whoever can reach it.
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    #: STOW-RS (``POST /dicomweb/studies``, PS3.18 §10.5) into the spool.
+    stow: bool = True
+    #: Largest STOW-RS request body; each part is also bounded by
+    #: ``security.max_instance_bytes``.
+    stow_max_request_bytes: int = Field(default=8 * 1024**3, ge=1024)
 
 
 class SendPolicyConfig(_Model):
