@@ -19,7 +19,7 @@ for arg in "$@"; do
 done
 
 if [ "$system" = 1 ]; then
-  pkgs="dcmtk dicom3tools orthanc chromium postgresql"
+  pkgs="dcmtk dicom3tools orthanc orthanc-dicomweb chromium postgresql"
   [ "$extras" = "train" ] || pkgs="$pkgs nodejs npm"
   missing=""
   for p in $pkgs; do
