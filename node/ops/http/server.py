@@ -81,6 +81,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: NodeHttpServer
     server_version = "airnode"
     sys_version = ""
+    #: Socket timeout: a client that stops sending (a STOW-RS upload cut short) frees
+    #: its thread and its temp files instead of holding them forever.
+    timeout = 60.0
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)

@@ -102,7 +102,7 @@ class StowError(Exception):
 class Stream(Protocol):
     """The request's socket file (``BaseHTTPRequestHandler.rfile``)."""
 
-    def read(self, size: int, /) -> bytes: ...
+    def read1(self, size: int, /) -> bytes: ...
 
     def readline(self, size: int, /) -> bytes: ...
 
@@ -140,7 +140,10 @@ class _Body:
             self.remaining = n
 
     def _line(self) -> bytes:
-        line = self.rfile.readline(_MAX_LINE + 1)
+        try:
+            line = self.rfile.readline(_MAX_LINE + 1)
+        except TimeoutError:
+            raise StowError(408, "the request body stopped arriving") from None
         if not line.endswith(b"\n"):
             raise StowError(400, "malformed chunked body")
         return line.rstrip(b"\r\n")
@@ -171,7 +174,11 @@ class _Body:
         if self.remaining == 0:
             self.done = True
             return b""
-        data = self.rfile.read(min(n, self.remaining))
+        try:
+            # read1: what has arrived, at most one socket read (read() would wait for n).
+            data = self.rfile.read1(min(n, self.remaining))
+        except TimeoutError:
+            raise StowError(408, "the request body stopped arriving") from None
         if not data:
             raise StowError(400, "request body ended early")
         self.remaining -= len(data)
