@@ -60,9 +60,7 @@ def test_stow_in_results_out_by_stow_and_kill_9_of_the_http_stage(tmp_path: Path
                 "http": {"enabled": True, "port": http_port},
                 "security": {"min_free_bytes": 0},
                 "send": {"base_delay_s": 0.5, "max_delay_s": 2.0},
-                "destinations": [
-                    {"name": "vna", "kind": "dicomweb", "url": f"{pacs}/dicom-web"}
-                ],
+                "destinations": [{"name": "vna", "kind": "dicomweb", "url": f"{pacs}/dicom-web"}],
                 "routes": [
                     {
                         "name": "ct-from-dicomweb",
@@ -87,7 +85,8 @@ def test_stow_in_results_out_by_stow_and_kill_9_of_the_http_stage(tmp_path: Path
             series = ct_series(4, 64)
             study = str(series[0].StudyInstanceUID)
             rsp = DICOMwebClient(f"{base}/dicomweb").store_instances(series)
-            acknowledged = sorted(str(i.ReferencedSOPInstanceUID) for i in rsp.ReferencedSOPSequence)
+            refs = rsp.ReferencedSOPSequence
+            acknowledged = sorted(str(i.ReferencedSOPInstanceUID) for i in refs)
             assert acknowledged == sorted(str(d.SOPInstanceUID) for d in series)
             _wait(
                 lambda: list((data / "spool" / "tmp" / "http").rglob("*.dcm")),
@@ -101,8 +100,10 @@ def test_stow_in_results_out_by_stow_and_kill_9_of_the_http_stage(tmp_path: Path
             assert slow.recv(100) == b""  # the unfinished upload got no answer
             slow.close()
             _wait(
-                lambda: _stages(data)["http"]["restarts"] > http["restarts"]
-                and requests.get(f"{base}/health", timeout=2).ok,
+                lambda: (
+                    _stages(data)["http"]["restarts"] > http["restarts"]
+                    and requests.get(f"{base}/health", timeout=2).ok
+                ),
                 60,
                 "the HTTP stage was not restarted",
             )
