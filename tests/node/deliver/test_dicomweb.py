@@ -196,3 +196,56 @@ def test_unreachable_is_transient_and_a_missing_secret_is_permanent(
 def test_destination_config_is_checked(dest: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({"destinations": [{"name": "d", **dest}]})
+
+
+@pytest.mark.integration
+def test_https_with_a_client_certificate_and_an_untrusted_server_is_refused(
+    db: Database, tmp_path: Path
+) -> None:
+    """The server requires our client certificate; a server whose certificate our CA
+    did not sign gets nothing (the jobs wait for a retry with the TLS error)."""
+    import ssl
+
+    from tests.peers import make_ca, make_leaf
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca_key, ca_crt = make_ca(pki, "ca")
+    srv_key, srv_crt = make_leaf(pki, "vna", ca_key, ca_crt)
+    cli_key, cli_crt = make_leaf(pki, "airnode", ca_key, ca_crt)
+    rogue_key, rogue_crt = make_ca(pki, "rogue")
+    fake_key, fake_crt = make_leaf(pki, "fake", rogue_key, rogue_crt)
+    servers: list[_Server] = []
+    for key, crt in ((srv_key, srv_crt), (fake_key, fake_crt)):
+        server = _Server([])
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(crt), str(key))
+        ctx.load_verify_locations(str(ca_crt))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    good, rogue = servers
+    tls = {"cert": str(cli_crt), "key": str(cli_key), "ca": str(ca_crt)}
+    try:
+        cfg = _cfg(tmp_path, f"https://127.0.0.1:{good.server_address[1]}/dw", tls=tls)
+        uids = _queue(db, cfg)
+        ok = [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids]
+        good.script.append((200, {"00081199": {"vr": "SQ", "Value": ok}}))
+        Sender(cfg, db).send_batch(cfg.destinations[0])
+        assert {j.status for j in _jobs(db)} == {JobStatus.DONE}
+        assert len(good.seen) == 1
+
+        with db.session() as s:
+            for job in s.scalars(select(Job)):
+                job.status, job.not_before = JobStatus.QUEUED, 0.0
+        cfg = _cfg(tmp_path, f"https://127.0.0.1:{rogue.server_address[1]}/dw", tls=tls)
+        Sender(cfg, db).send_batch(cfg.destinations[0])
+        jobs = _jobs(db)
+        assert {j.status for j in jobs} == {JobStatus.FAILED}
+        assert all("TLS" in (j.last_error or "") for j in jobs)
+        assert rogue.seen == []
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
