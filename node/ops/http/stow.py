@@ -58,6 +58,7 @@ CALLING_AE = "DICOMWEB"
 _CHUNK = 256 * 1024
 _MAX_HEADER_BYTES = 16 * 1024
 _MAX_LINE = 4096
+_DRAIN_ON_REFUSAL = 1024 * 1024
 _BOUNDARY_RE = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{1,70}$")  # RFC 2046 bchars
 
 
@@ -187,11 +188,13 @@ class _Body:
             raise StowError(413, f"request exceeds the limit of {self.limit} bytes")
         return data
 
-    def drain(self) -> None:
-        """Read and discard the rest (so that the client reads our answer, not a reset)."""
+    def drain(self, cap: int | None = None) -> None:
+        """Read and discard the rest, or ``cap`` more bytes at most: a socket closed with
+        unread data is reset, and the client may then never read our answer."""
+        n = 0
         with contextlib.suppress(StowError, OSError):
-            while self.read():
-                pass
+            while (cap is None or n < cap) and (data := self.read()):
+                n += len(data)
 
 
 # ------------------------------------------------------------------ multipart parser
@@ -383,8 +386,12 @@ class StowService:
     ) -> StowResult:
         """Receive, check and store one request; raises :class:`StowError` for a refusal
         of the whole request (nothing stored then)."""
-        boundary = boundary_of(headers.get("content-type"))
         body = _Body(rfile, headers, self.max_request_bytes)
+        try:
+            boundary = boundary_of(headers.get("content-type"))
+        except StowError:
+            body.drain(_DRAIN_ON_REFUSAL)
+            raise
         try:
             self.tmp_root.mkdir(parents=True, exist_ok=True)
             tmp_dir = Path(tempfile.mkdtemp(prefix="stow-", dir=self.tmp_root))
@@ -393,9 +400,12 @@ class StowService:
         try:
             try:
                 parts = receive_parts(body, boundary, tmp_dir, self.spool.max_instance_bytes)
+                body.drain(_DRAIN_ON_REFUSAL)  # the epilogue, if any
             except StowError as exc:
-                if exc.status == 413:
-                    body.drain()
+                # An oversize part: the rest of a body within the request limit is read
+                # so that the client sees the 413; other refusals read a little.
+                if exc.status != 408:  # a stalled client would stall the drain too
+                    body.drain(None if exc.status == 413 else _DRAIN_ON_REFUSAL)
                 raise
             except OSError as exc:
                 raise StowError(503, f"cannot write the request: {exc.strerror or exc}") from None
