@@ -221,3 +221,35 @@ def test_failure_reasons_map_our_statuses() -> None:
     assert failure_reason(Status.DATASET_MISMATCH) == 0xA900
     assert failure_reason(Status.CANNOT_UNDERSTAND) == 0xC000
     assert failure_reason(Status.TOO_LARGE) == 0xC000
+
+
+def test_no_space_is_503_with_retry_after_and_nothing_stored(db: Database, tmp_path: Path) -> None:
+    """Below the disk reserve every instance fails with 0xA700: the client should retry."""
+    cfg = NodeConfig.model_validate(
+        {
+            "node": {"data_dir": str(tmp_path / "data")},
+            "http": {"port": free_port()},
+            "security": {"min_free_bytes": 2**62},
+        }
+    )
+    server = make_server(cfg, db)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        (ds,) = ct_series(1, 16)
+        r = requests.post(
+            f"http://127.0.0.1:{cfg.http.port}/dicomweb/studies",
+            data=_multipart(_bytes(ds)),
+            headers={"Content-Type": DICOM_MP},
+            timeout=10,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    (failed,) = Dataset.from_json(r.json()).FailedSOPSequence
+    assert failed.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert failed.FailureReason == FailureReason.OUT_OF_RESOURCES
+    with db.read() as s:
+        assert list(s.scalars(select(Instance))) == []
