@@ -145,10 +145,24 @@ ALL_RESULT_OBJECTS: tuple[ResultObject, ...] = ("sr", "seg", "sc", "pr")
 
 
 class DestinationConfig(_Model):
+    """Where results go: a DICOM peer (``kind = "dimse"``, C-STORE to ``ae_title`` at
+    ``host``:``port``) or a DICOMweb origin server (``kind = "dicomweb"``, STOW-RS,
+    PS3.18 §10.5, to ``url``/studies).
+
+    For DICOMweb, ``auth_header_env`` names an environment variable whose value is sent
+    as the ``Authorization`` header (e.g. ``Bearer …``): the secret never sits in the
+    file.  ``tls`` gives a client certificate (``cert``, ``key``) and the CA that signed
+    the server's certificate (``ca``); without it an ``https`` URL is verified against
+    the system's CAs.
+    """
+
     name: str = Field(min_length=1, max_length=64)  # the jobs.destination column
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    url: str | None = None
+    auth_header_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     calling_ae_title: str | None = None
     tls: TlsConfig | None = None
     max_pdu: int = Field(default=0, ge=0)
@@ -159,10 +173,39 @@ class DestinationConfig(_Model):
         default_factory=lambda: list(ALL_RESULT_OBJECTS), min_length=1
     )
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
-    _calling = field_validator("calling_ae_title")(
+    _ae = field_validator("ae_title", "calling_ae_title")(
         classmethod(lambda cls, v: None if v is None else _check_ae(v))
     )
+
+    @model_validator(mode="after")
+    def _kind(self) -> DestinationConfig:
+        if self.kind == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a DICOM destination needs {', '.join(missing)}")
+            if self.url or self.auth_header_env:
+                raise ValueError('url and auth_header_env need kind = "dicomweb"')
+            return self
+        if not self.url or not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError("a dicomweb destination needs url = http(s)://host[:port]/path")
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ValueError("tls needs an https:// url")
+        if self.host or self.port:
+            raise ValueError('host and port are for kind = "dimse"; use url')
+        return self
+
+    def dimse_peer(self) -> tuple[str, str, int]:
+        """(AE title, host, port) of a DICOM destination."""
+        if self.ae_title is None or self.host is None or self.port is None:
+            raise ValueError(f"destination {self.name} is not a DICOM (dimse) destination")
+        return self.ae_title, self.host, self.port
+
+    @property
+    def address(self) -> str:
+        """Where it is, for logs and the audit trail: ``AE@host:port`` or the URL."""
+        if self.kind == "dicomweb":
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class SourceConfig(_Model):
@@ -340,8 +383,15 @@ class RetentionConfig(_Model):
 
 class HttpConfig(_Model):
     enabled: bool = True
+    #: Loopback by default: the endpoints have no login, so binding to another address
+    #: exposes them (STOW-RS included) to whoever can reach it.
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    #: STOW-RS (``POST /dicomweb/studies``, PS3.18 §10.5) into the spool.
+    stow: bool = True
+    #: Largest STOW-RS request body; each part is also bounded by
+    #: ``security.max_instance_bytes``.
+    stow_max_request_bytes: int = Field(default=8 * 1024**3, ge=1024)
 
 
 class SendPolicyConfig(_Model):

@@ -19,7 +19,7 @@ for arg in "$@"; do
 done
 
 if [ "$system" = 1 ]; then
-  pkgs="dcmtk dicom3tools orthanc chromium postgresql"
+  pkgs="dcmtk dicom3tools orthanc orthanc-dicomweb chromium postgresql"
   # Node.js and npm for the viewer-library checks, unless a Node.js is already there.
   if [ "$extras" != "train" ] && ! command -v npm >/dev/null 2>&1; then
     pkgs="$pkgs nodejs npm"

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from tests.conftest import require_tool
@@ -189,13 +190,17 @@ def orthanc(
     modalities: dict[str, tuple[str, str, int]] | None = None,
     *,
     aet: str = "ORTHANC",
+    dicomweb: bool = False,
 ) -> Iterator[str]:
     """Orthanc with a generated configuration; yields its REST base URL.
 
     ``modalities`` maps a name to ``(AE title, host, port)`` (Orthanc's
     ``DicomModalities``), e.g. the node under test so Orthanc can route to it.
+    ``dicomweb`` loads the DICOMweb plugin (Debian package ``orthanc-dicomweb``):
+    its root is ``<base URL>/dicom-web``.
     """
     exe = require_tool("Orthanc")
+    plugins = [dicomweb_plugin()] if dicomweb else []
     tmp.mkdir(parents=True, exist_ok=True)
     mods = modalities if modalities is not None else {"airnode": ("AIRNODE", "127.0.0.1", 104)}
     config = {
@@ -210,9 +215,11 @@ def orthanc(
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowStore": True,
         "DicomModalities": {k: list(v) for k, v in mods.items()},
-        "Plugins": [],
+        "Plugins": plugins,
         "StableAge": 1,
     }
+    if dicomweb:
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "Ssl": False}
     cfg_path = tmp / "orthanc.json"
     cfg_path.write_text(json.dumps(config))
     log = open(tmp / "orthanc.log", "wb")  # noqa: SIM115 - closed in finally
@@ -234,6 +241,15 @@ def orthanc(
     finally:
         stop_process(proc)
         log.close()
+
+
+def dicomweb_plugin() -> str:
+    """Path of Orthanc's DICOMweb plugin; a missing one is a set-up error, not a skip."""
+    for d in ("/usr/share/orthanc/plugins", "/usr/lib/orthanc"):
+        hits = sorted(Path(d).glob("libOrthancDicomWeb.so*"))
+        if hits:
+            return str(hits[0])
+    pytest.fail("orthanc-dicomweb is not installed: run `bash scripts/install.sh`")
 
 
 # ------------------------------------------------------------------ airnode serve

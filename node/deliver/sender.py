@@ -1,4 +1,5 @@
-"""Delivery of result objects to DICOM destinations (C-STORE SCU), with retries.
+"""Delivery of result objects to DICOM destinations (C-STORE SCU) and DICOMweb ones
+(STOW-RS, :mod:`node.deliver.dicomweb`), with retries.
 
 Each destination has its own thread that claims only that destination's ``send`` jobs
 (``extra_where`` on the job's ``destination`` column), so a destination that is down,
@@ -32,6 +33,7 @@ from pynetdicom import AE, Association, build_context
 from sqlalchemy import or_
 
 from node.config import DestinationConfig, NodeConfig
+from node.deliver.dicomweb import WebError, stow
 from node.deliver.status import Outcome, classify, describe
 from node.dimse import client_tls_context
 from node.logs import uid_tag
@@ -110,8 +112,9 @@ class Sender:
         level = logging.WARNING if status == JobStatus.DEAD else logging.INFO
         log.log(level, "send %s to %s: %s → %s", uid_tag(uid), dest.name, reason, status)
 
-    def _done(self, dest: DestinationConfig, job: Job, status: int) -> None:
+    def _done(self, dest: DestinationConfig, job: Job, status: int | str) -> None:
         uid = job.result_sop_instance_uid or ""
+        shown = describe(status) if isinstance(status, int) else status
         if not jobs.complete(self.db, job.id, self._owner(dest)):
             log.warning("send %s to %s: lease lost before completion", uid_tag(uid), dest.name)
             return
@@ -121,14 +124,55 @@ class Sender:
                     at=now(),
                     event="sent",
                     ae_title=dest.ae_title,
-                    peer=f"{dest.host}:{dest.port}",
+                    peer=(f"{dest.host}:{dest.port}" if dest.kind == "dimse" else dest.url or "")[
+                        :128
+                    ],
                     sop_instance_uid=uid,
-                    detail=f"destination={dest.name} status={describe(status)}",
+                    detail=f"destination={dest.name} status={shown}",
                 )
             )
-        log.info("sent %s to %s (%s)", uid_tag(uid), dest.name, describe(status))
+        log.info("sent %s to %s (%s)", uid_tag(uid), dest.name, shown)
 
     # -- one batch --------------------------------------------------------------------
+
+    def _paths(self, dest: DestinationConfig, batch: list[Job]) -> dict[str, tuple[Job, Path]]:
+        """The outbox file of each job, by SOP Instance UID (jobs without one end dead)."""
+        out: dict[str, tuple[Job, Path]] = {}
+        for job in batch:
+            try:
+                rel = SendPayload.of(job).path
+            except PayloadError as exc:
+                self._fail(dest, job, str(exc), transient=False)
+                continue
+            path = self.outbox / rel
+            if not path.is_file():
+                self._fail(dest, job, f"outbox file missing: {rel}", transient=False)
+                continue
+            out[job.result_sop_instance_uid or str(job.id)] = (job, path)
+        return out
+
+    def _send_web(self, dest: DestinationConfig, batch: list[Job]) -> int:
+        """STOW-RS one batch (one request); each job ends by its instance's outcome."""
+        items = self._paths(dest, batch)
+        if not items:
+            return len(batch)
+        try:
+            result = stow(dest, {uid: path for uid, (_, path) in items.items()})
+        except WebError as exc:
+            for job, _ in items.values():
+                self._fail(dest, job, str(exc), transient=exc.transient)
+            return len(batch)
+        except OSError as exc:  # an outbox file vanished while the body was sent
+            for job, _ in items.values():
+                self._fail(dest, job, f"{type(exc).__name__}: {exc}", transient=True)
+            return len(batch)
+        for uid, (job, _) in items.items():
+            outcome, reason = result.results[uid]
+            if outcome is Outcome.SUCCESS:
+                self._done(dest, job, f"STOW-RS HTTP {result.http_status}")
+            else:
+                self._fail(dest, job, reason, transient=outcome is Outcome.TRANSIENT)
+        return len(batch)
 
     def _load(self, dest: DestinationConfig, batch: list[Job]) -> list[_Item]:
         items: list[_Item] = []
@@ -152,6 +196,7 @@ class Sender:
 
     @contextmanager
     def _associate(self, dest: DestinationConfig, items: list[_Item]) -> Iterator[Association]:
+        ae_title, host, port = dest.dimse_peer()
         ae = AE(ae_title=dest.calling_ae_title or self.cfg.node.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
         if dest.max_pdu:
@@ -167,10 +212,8 @@ class Sender:
         tls_args = None
         if dest.tls is not None:
             ctx = client_tls_context(dest.tls.cert, dest.tls.key, dest.tls.ca)
-            tls_args = (ctx, dest.host)
-        assoc = ae.associate(
-            dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls_args
-        )
+            tls_args = (ctx, host)
+        assoc = ae.associate(host, port, contexts=contexts, ae_title=ae_title, tls_args=tls_args)
         try:
             yield assoc
         finally:
@@ -182,6 +225,8 @@ class Sender:
         batch = self._claim_batch(dest)
         if not batch:
             return 0
+        if dest.kind == "dicomweb":
+            return self._send_web(dest, batch)
         items = self._load(dest, batch)
         if not items:
             return len(batch)
@@ -208,7 +253,7 @@ class Sender:
         return len(batch)
 
     def _association_failure(self, dest: DestinationConfig, assoc: Association) -> tuple[str, bool]:
-        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+        where = dest.address
         if assoc.is_rejected:
             rsp = assoc.acceptor.primitive
             result = getattr(rsp, "result", None)

@@ -71,7 +71,7 @@ def test_absolute_data_dir_and_database_url_are_kept(tmp_path: Path) -> None:
         ({"security": {"tls": {"cert": "a.crt"}}}, r"security\.tls\.key: Field required"),
         ({"security": {"tls": {"cert": "a.crt", "key": "a.key"}}}, r"security\.tls: cert file"),
         ({"inference": {"backend": "cuda"}}, r"inference\.backend: "),
-        ({"destinations": [{"name": "p"}]}, r"destinations\.0\.ae_title: Field required"),
+        ({"destinations": [{"name": "p"}]}, r"destinations\.0: a DICOM destination needs ae_title"),
         ({"routes": [{"name": "r"}]}, r"routes\.0\.model: Field required"),
         ({"routes": [{"name": "r", "model": "m", "mach": {}}]}, r"routes\.0\.mach: unknown key"),
     ],

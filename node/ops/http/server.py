@@ -1,15 +1,20 @@
-"""The HTTP stage: a small threaded stdlib server for health, metrics and the status page.
+"""The HTTP stage: a small threaded stdlib server for health, metrics, the status page
+and STOW-RS.
 
 The standard library's ``ThreadingHTTPServer`` is enough for a loopback endpoint that
 a Prometheus server scrapes every few seconds and a person opens now and then, and it
-adds no dependency.  Only GET and HEAD exist; nothing here writes to the job table.
+adds no dependency.  GET and HEAD only read; the one write is STOW-RS, which stores
+through the receive stage's spool with the C-STORE acknowledgement contract
+(:mod:`node.ops.http.stow`).
 
 Routes: ``/health`` (JSON, 200/503), ``/metrics`` (Prometheus text format), ``/``
-(status page), ``/preview/<result id>.png`` (heatmap SC preview).
+(status page), ``/preview/<result id>.png`` (heatmap SC preview), ``POST
+/dicomweb/studies[/{study}]`` (STOW-RS, PS3.18 §10.5).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -28,7 +33,10 @@ from node.ops.http.health import health
 from node.ops.http.metrics import JobTableCollector, render_metrics
 from node.ops.http.page import PAGE_CSP, render_status_page
 from node.ops.http.preview import PreviewError, result_preview
+from node.ops.http.stow import StowError, StowService, clear_temp
 from node.ops.supervisor import read_stage_status, stage_status_path
+from node.receive.headers import check_uid
+from node.receive.spool import Spool
 from node.runtime import start_stage
 from node.store.db import Database
 
@@ -37,6 +45,7 @@ __all__ = ["NodeHttpServer", "make_server", "run"]
 log = logging.getLogger("airnode.http")
 
 _PREVIEW_RE = re.compile(r"^/preview/(\d{1,18})\.png$")
+_STOW_RE = re.compile(r"^/dicomweb/studies(?:/([^/]+))?/?$")
 
 
 class NodeHttpServer(ThreadingHTTPServer):
@@ -55,8 +64,10 @@ class NodeHttpServer(ThreadingHTTPServer):
         min_free_bytes: int,
         stage_status: Callable[[], dict[str, Any] | None],
         node_name: str = "airnode",
+        stow: StowService | None = None,
     ) -> None:
         self.db = db
+        self.stow = stow
         self.data_dir = data_dir
         self.outbox_dir = outbox_dir
         self.min_free_bytes = min_free_bytes
@@ -70,6 +81,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: NodeHttpServer
     server_version = "airnode"
     sys_version = ""
+    #: Socket timeout: a client that stops sending (a STOW-RS upload cut short) frees
+    #: its thread and its temp files instead of holding them forever.
+    timeout = 60.0
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -136,13 +150,58 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _no_write
+    do_PUT = do_DELETE = do_PATCH = _no_write
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        m = _STOW_RE.match(path)
+        stow = self.server.stow
+        if m is None or stow is None:
+            self._no_write()
+            return
+        self.close_connection = True  # the body may be left unread on a refusal
+        study = m.group(1)
+        try:
+            if study is not None and check_uid(study):
+                raise StowError(400, "the study in the URL is not a valid UID")
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            result = stow.handle(headers, self.rfile, study_uid=study, peer=self.client_address[0])
+        except StowError as exc:
+            log.warning("STOW-RS refused with %d: %s", exc.status, exc.message)
+            self._text(exc.status, exc.message)
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except Exception:
+            log.exception("error serving STOW-RS")
+            self._text(500, "internal error (see the node's log)")
+            return
+        log.info(
+            "STOW-RS: %d stored, %d failed → %d",
+            len(result.stored),
+            len(result.failed),
+            result.status,
+        )
+        extra = {"Retry-After": "30"} if result.status == 503 else None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._send(
+                result.status, json.dumps(result.json()).encode(), "application/dicom+json", extra
+            )
 
 
 def make_server(cfg: NodeConfig, db: Database | None = None) -> NodeHttpServer:
     """A bound (not yet serving) server for ``cfg``; raises ``OSError`` if the port is taken."""
     database = db if db is not None else Database(cfg.node.resolved_database_url)
     status_file = stage_status_path(cfg)
+    stow = None
+    if cfg.http.stow:
+        spool = Spool(
+            cfg.node.spool_dir,
+            database,
+            min_free_bytes=cfg.security.min_free_bytes,
+            max_instance_bytes=cfg.security.max_instance_bytes,
+        )
+        stow = StowService(spool, max_request_bytes=cfg.http.stow_max_request_bytes)
     return NodeHttpServer(
         (cfg.http.host, cfg.http.port),
         database,
@@ -151,6 +210,7 @@ def make_server(cfg: NodeConfig, db: Database | None = None) -> NodeHttpServer:
         min_free_bytes=cfg.security.min_free_bytes,
         stage_status=lambda: read_stage_status(status_file),
         node_name=cfg.node.ae_title,
+        stow=stow,
     )
 
 
@@ -160,6 +220,8 @@ def run(cfg: NodeConfig, replica: int = 0) -> None:
     db = stage.open_db()
     try:
         server = make_server(cfg, db)
+        if server.stow is not None:
+            clear_temp(server.stow.spool)  # uploads cut short by a crash were never answered
     except OSError as exc:
         db.dispose()
         log.error(
@@ -171,7 +233,12 @@ def run(cfg: NodeConfig, replica: int = 0) -> None:
         raise SystemExit(2) from None
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
-    log.info("http: serving /, /health, /metrics on http://%s:%d/", cfg.http.host, cfg.http.port)
+    log.info(
+        "http: serving /, /health, /metrics%s on http://%s:%d/",
+        ", /dicomweb/studies" if server.stow is not None else "",
+        cfg.http.host,
+        cfg.http.port,
+    )
     try:
         while not stage.stopping.wait(1.0):
             pass

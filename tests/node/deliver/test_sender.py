@@ -212,7 +212,7 @@ def crashing_sender_main(cfg_json: str, db_url: str) -> None:
     before the job is marked done (exit code 70), as a power cut there would."""
     import os
 
-    def crash(self: Sender, dest: object, job: object, status: int) -> None:
+    def crash(self: Sender, dest: DestinationConfig, job: Job, status: int | str) -> None:
         assert status == 0x0000  # only a success reaches this point
         os._exit(70)
 
