@@ -75,11 +75,10 @@ def _component(mask: npt.NDArray[np.bool_], row: int, col: int) -> npt.NDArray[n
         return out
     edges = np.diff(np.pad(np.asarray(mask, dtype=np.int8), ((0, 0), (1, 1))), axis=1)
     starts_r, starts_c = np.nonzero(edges == 1)
-    ends_r, ends_c = np.nonzero(edges == -1)  # exclusive ends, same order as the starts
+    _, ends_c = np.nonzero(edges == -1)  # exclusive ends, same order as the starts
     runs: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for r, a, b in zip(starts_r.tolist(), starts_c.tolist(), ends_c.tolist(), strict=True):
         runs[r].append((a, b))
-    del ends_r
     first = next((a, b) for a, b in runs[row] if a <= col < b)
     seen = {(row, first[0])}
     stack = [(row, first[0], first[1])]
