@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from highdicom.valuerep import _check_specific_character_set
 from pydicom import Dataset
@@ -28,6 +29,7 @@ __all__ = [
     "display_window",
     "finding_site",
     "input_digest",
+    "object_identity",
     "procedure_reported",
     "stamp",
     "uid_for",
@@ -172,6 +174,22 @@ def uid_for(result: InferenceResult, kind: str, index: int = 0) -> str:
         index,
         input_digest="" if kind in STABLE_KINDS else input_digest(result),
     )
+
+
+def object_identity(result: InferenceResult, kind: str, manufacturer: str) -> dict[str, Any]:
+    """The series, instance and equipment keywords a highdicom constructor takes for one
+    result object of ``kind`` (``seg``, ``pr``): the same identity on every object."""
+    model = result.model
+    return {
+        "series_instance_uid": uid_for(result, f"{kind}-series"),
+        "series_number": SERIES_NUMBER[kind],
+        "sop_instance_uid": uid_for(result, kind),
+        "instance_number": 1,
+        "manufacturer": manufacturer,
+        "manufacturer_model_name": model.name[:64],
+        "software_versions": model.version[:64],
+        "device_serial_number": model.device_uid[-64:],
+    }
 
 
 def procedure_reported(source: Dataset) -> Code:

@@ -21,11 +21,11 @@ from models.result import InferenceResult
 from node.config import NodeConfig
 from node.results import codes
 from node.results.common import (
-    SERIES_NUMBER,
     SourceIndex,
     add_ai_equipment,
     display_window,
     finding_site,
+    object_identity,
     uid_for,
 )
 from node.results.geometry import place
@@ -138,14 +138,7 @@ def build_gsps(result: InferenceResult, src: SourceIndex, cfg: NodeConfig) -> Da
         ]
     pr = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=images,
-        series_instance_uid=uid_for(result, "pr-series"),
-        series_number=SERIES_NUMBER["pr"],
-        sop_instance_uid=uid_for(result, "pr"),
-        instance_number=1,
-        manufacturer=cfg.results.manufacturer,
-        manufacturer_model_name=model.name[:64],
-        software_versions=model.version[:64],
-        device_serial_number=model.device_uid[-64:],
+        **object_identity(result, "pr", cfg.results.manufacturer),
         content_label="AI_FINDINGS",
         content_description=f"AI findings {model.name} {model.version}"[:64],
         graphic_annotations=annotations,

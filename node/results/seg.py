@@ -18,7 +18,7 @@ from pydicom import Dataset
 from models.result import InferenceResult
 from node.config import NodeConfig
 from node.results import codes
-from node.results.common import SERIES_NUMBER, SourceIndex, add_ai_equipment, uid_for
+from node.results.common import SourceIndex, add_ai_equipment, object_identity, uid_for
 
 __all__ = ["build_seg", "encode_seg"]
 
@@ -66,14 +66,7 @@ def build_seg(result: InferenceResult, src: SourceIndex, cfg: NodeConfig) -> Dat
         pixel_array=np.ascontiguousarray(mask[present]),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=uid_for(result, "seg-series"),
-        series_number=SERIES_NUMBER["seg"],
-        sop_instance_uid=uid_for(result, "seg"),
-        instance_number=1,
-        manufacturer=cfg.results.manufacturer,
-        manufacturer_model_name=model.name[:64],
-        software_versions=model.version[:64],
-        device_serial_number=model.device_uid[-64:],
+        **object_identity(result, "seg", cfg.results.manufacturer),
         content_label="AI_SEG",
         content_description=f"AI segmentation {model.name} {model.version}"[:64],
         series_description=f"AI segmentation {model.name} {model.version}"[:64],
